@@ -1,0 +1,175 @@
+"""tip.py against brute-force float64 references: explicit sums over a small vocabulary."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import tip
+
+
+def softmax_np(z):
+    z = np.asarray(z, dtype=np.float64)
+    e = np.exp(z - z.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
+
+
+def kl_np(p, q):  # KL(p ‖ q) by the definition, one explicit sum per row
+    return np.array([sum(pi * (math.log(pi) - math.log(qi)) for pi, qi in zip(pr, qr) if pi > 0)
+                     for pr, qr in zip(p, q)])
+
+
+@pytest.fixture
+def logits():
+    g = torch.Generator().manual_seed(0)
+    return 3 * torch.randn(6, 11, generator=g), 3 * torch.randn(6, 11, generator=g)
+
+
+def test_entropy_matches_definition(logits):
+    zs, _ = logits
+    p = softmax_np(zs.numpy())
+    expected = [-sum(pi * math.log(pi) for pi in row) for row in p]
+    np.testing.assert_allclose(tip.entropy(zs).numpy(), expected, rtol=1e-5)
+
+
+def test_entropy_of_uniform_is_log_v():
+    assert tip.entropy(torch.zeros(3, 50)).allclose(torch.full((3,), math.log(50)))
+
+
+def test_reverse_and_forward_kl_match_definition(logits):
+    zs, zt = logits
+    ps, pt = softmax_np(zs.numpy()), softmax_np(zt.numpy())
+    np.testing.assert_allclose(tip.reverse_kl(zs, zt).numpy(), kl_np(ps, pt), rtol=1e-4)
+    np.testing.assert_allclose(tip.forward_kl(zs, zt).numpy(), kl_np(pt, ps), rtol=1e-4)
+    assert not torch.allclose(tip.reverse_kl(zs, zt), tip.forward_kl(zs, zt))  # direction matters
+
+
+def test_kl_of_identical_is_zero_and_kl_nonnegative(logits):
+    zs, zt = logits
+    assert tip.reverse_kl(zs, zs).abs().max() < 1e-6
+    assert tip.forward_kl(zt, zt).abs().max() < 1e-6
+    assert (tip.reverse_kl(zs, zt) >= 0).all() and (tip.forward_kl(zs, zt) >= 0).all()
+
+
+def test_any_leading_shape(logits):
+    zs, zt = logits
+    a, b = zs.reshape(2, 3, 11), zt.reshape(2, 3, 11)
+    assert tip.reverse_kl(a, b).shape == (2, 3)
+    assert tip.reverse_kl(a, b).flatten().allclose(tip.reverse_kl(zs, zt))
+
+
+def test_jsd_endpoints_and_interior(logits):
+    zs, zt = logits
+    assert torch.equal(tip.generalized_jsd(zs, zt, 0.0), tip.forward_kl(zs, zt))
+    assert torch.equal(tip.generalized_jsd(zs, zt, 1.0), tip.reverse_kl(zs, zt))
+    beta = 0.3
+    ps, pt = softmax_np(zs.numpy()), softmax_np(zt.numpy())
+    m = beta * pt + (1 - beta) * ps
+    expected = beta * kl_np(pt, m) + (1 - beta) * kl_np(ps, m)
+    np.testing.assert_allclose(tip.generalized_jsd(zs, zt, beta).numpy(), expected, rtol=1e-4)
+    assert tip.generalized_jsd(zs, zs, 0.5).abs().max() < 1e-6
+    with pytest.raises(ValueError, match="beta"):
+        tip.generalized_jsd(zs, zt, 1.5)
+
+
+def test_divergence_dispatch(logits):
+    zs, zt = logits
+    assert torch.equal(tip.divergence("reverse_kl", zs, zt), tip.reverse_kl(zs, zt))
+    assert torch.equal(tip.divergence("jsd", zs, zt, beta=1.0), tip.reverse_kl(zs, zt))
+    with pytest.raises(ValueError, match="reverse_kl, forward_kl, jsd"):
+        tip.divergence("kl", zs, zt)
+
+
+def _heads(n=13, ds=8, dt=12, vs=37, vt=37, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(n, ds, generator=g), torch.randn(vs, ds, generator=g),
+            torch.randn(n, dt, generator=g), torch.randn(vt, dt, generator=g))
+
+
+@pytest.mark.parametrize("chunk_size", [1, 4, 13, 100])
+def test_token_stats_chunked_equals_unchunked(chunk_size):
+    hs, ws, ht, wt = _heads()
+    zs, zt = hs @ ws.T, ht @ wt.T
+    stats = tip.token_stats(hs, ws, ht, wt, chunk_size=chunk_size)
+    assert stats["entropy"].allclose(tip.entropy(zs), atol=1e-5)
+    assert stats["entropy_norm"].allclose(tip.entropy(zs) / math.log(37), atol=1e-6)
+    assert stats["reverse_kl"].allclose(tip.reverse_kl(zs, zt), atol=1e-4)
+    assert stats["forward_kl"].allclose(tip.forward_kl(zs, zt), atol=1e-4)
+    assert torch.equal(stats["student_top1"], zs.argmax(-1))
+    assert stats["teacher_top1_p"].allclose(zt.softmax(-1).max(-1).values)
+
+
+def test_token_stats_teacher_head_larger_uses_common_rows():
+    hs, ws, ht, wt = _heads(vs=37, vt=45)
+    stats = tip.token_stats(hs, ws, ht, wt, chunk_size=5)
+    zs, zt = hs @ ws.T, (ht @ wt.T)[:, :37]
+    assert stats["reverse_kl"].allclose(tip.reverse_kl(zs, zt), atol=1e-4)
+    assert stats["entropy_norm"].allclose(tip.entropy(zs) / math.log(37), atol=1e-6)
+
+
+def test_token_stats_never_tracks_gradients():
+    hs, ws, ht, wt = _heads()
+    ws.requires_grad_(True)
+    assert not tip.token_stats(hs, ws, ht, wt)["reverse_kl"].requires_grad
+
+
+def test_percentile_nearest_rank():
+    x = torch.arange(1.0, 101.0)[torch.randperm(100)]
+    assert tip.percentile(x, 98).item() == 98.0
+    assert tip.percentile(x, 50).item() == 50.0
+    assert tip.percentile(torch.tensor([5.0]), 98).item() == 5.0
+
+
+def test_normalize_entropy_clips_at_98th_percentile_then_min_max():
+    h = torch.arange(0.0, 100.0).reshape(2, 50)  # 0..99
+    mask = torch.ones_like(h, dtype=torch.bool)
+    h_hat = tip.normalize_entropy(h, mask)
+    cap = 97.0  # nearest rank 98 of 0..99
+    expected = torch.clamp(h, max=cap) / cap
+    assert h_hat.allclose(expected)
+    assert h_hat.max() == 1.0 and h_hat.min() == 0.0
+
+
+def test_normalisation_ignores_masked_positions():
+    d = torch.tensor([[1.0, 3.0, 100.0], [2.0, -50.0, 5.0]])
+    mask = torch.tensor([[True, True, False], [True, False, True]])
+    d_hat = tip.normalize_divergence(d, mask)
+    assert d_hat.allclose(torch.tensor([[0.0, 0.5, 0.0], [0.25, 0.0, 1.0]]))
+
+
+def test_normalisation_of_constant_batch_is_zero_not_nan():
+    x = torch.full((3, 4), 0.7)
+    mask = torch.ones(3, 4, dtype=torch.bool)
+    for f in (tip.normalize_entropy, tip.normalize_divergence):
+        out = f(x, mask)
+        assert torch.isfinite(out).all() and (out == 0).all()
+
+
+def test_each_quadrant_from_constructed_tokens():
+    # columns: (high h, high d), (high h, low d), (low h, high d), (low h, low d), then fillers
+    h_hat = torch.tensor([[0.9, 0.8, 0.1, 0.0, 0.5]])
+    d_hat = torch.tensor([[0.9, 0.1, 0.8, 0.0, 0.5]])
+    mask = torch.tensor([[True, True, True, True, False]])
+    quadrant, (th, td) = tip.classify_quadrants(h_hat, d_hat, mask, 0.5, 0.5)
+    assert quadrant.tolist() == [[1, 2, 3, 4, 0]] and (th, td) == (0.5, 0.5)
+
+
+def test_quadrant_default_thresholds_are_medians():
+    g = torch.Generator().manual_seed(0)
+    h_hat, d_hat = torch.rand(4, 25, generator=g), torch.rand(4, 25, generator=g)
+    mask = torch.ones(4, 25, dtype=torch.bool)
+    quadrant, (th, td) = tip.classify_quadrants(h_hat, d_hat, mask)
+    assert th == h_hat.flatten().sort().values[49].item()  # lower median of 100 values
+    assert td == d_hat.flatten().sort().values[49].item()
+    assert ((quadrant == 1) | (quadrant == 2)).sum() == 50  # exactly half strictly above
+
+
+def test_quadrant_summary_shares():
+    quadrant = torch.tensor([[1, 1, 3, 4], [2, 4, 0, 0]])
+    kl = torch.tensor([[2.0, 2.0, 4.0, 0.0], [1.0, 1.0, 9.0, 9.0]])
+    mask = quadrant > 0
+    summary = tip.quadrant_summary(quadrant, kl, mask)
+    assert summary[1] == {"share": 2 / 6, "kl_share": pytest.approx(0.4)}
+    assert summary[3]["kl_share"] == pytest.approx(0.4)
+    assert summary[4]["share"] == 2 / 6 and summary[4]["kl_share"] == pytest.approx(0.1)
+    assert sum(s["share"] for s in summary.values()) == pytest.approx(1.0)

@@ -1,0 +1,200 @@
+"""TIP's two axes and four quadrants: student entropy and teacher-student divergence per token.
+
+Contract. Pure functions over tensors, no model, tokenizer, file or print inside; distill.py, the
+notebook, the tests and people's forks import these exact names.
+
+Notation: `V` vocabulary, `N` response positions (flattened), `D` hidden size, `B` rollouts and
+`T` positions when a batch is kept padded. P_S is the student's next-token distribution, P_T the
+frozen teacher's, both at the same context c_t = (x, y_<t). All divergence math runs in fp32,
+whatever dtype the models run in.
+
+    entropy(z)              H(P_S) = -Σ_v P_S(v) log P_S(v)                       (Eq. 2, raw nats)
+    reverse_kl(zs, zt)      KL(P_S ‖ P_T) = Σ_v P_S (log P_S - log P_T)           (Eq. 1, Eq. 3)
+    forward_kl(zs, zt)      KL(P_T ‖ P_S) = Σ_v P_T (log P_T - log P_S)           (q3's detector)
+    generalized_jsd(zs, zt, beta)                                                (a --loss option)
+    token_stats(...)        all of the above from hidden states, `chunk_size` rows at a time
+    normalize_entropy / normalize_divergence                                      (Sections 6, 7.3)
+    classify_quadrants      Q1..Q4 of Table 1;  quadrant_summary  shares of tokens and KL mass
+
+Where this departs from the paper ([ours] in ../shared/TIP.md):
+- The high/low split of each axis is the per-batch median of the normalised axis unless given.
+- An axis that is constant over the batch carries no ranking information and normalises to 0.
+- Percentiles are nearest-rank via `torch.kthvalue` (`torch.quantile` fails above 2^24 elements).
+
+Run `python tip.py --help` for the quadrant analysis CLI (pictures of where the signal is).
+"""
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+# ---------------------------------------------------------------------------------------------
+# Divergences over the vocabulary. Inputs are logits of any leading shape (..., V).
+# ---------------------------------------------------------------------------------------------
+
+def entropy(logits):
+    """Shannon entropy H(P) = -Σ_v P(v) log P(v) in nats, P = softmax(logits). (..., V) -> (...)."""
+    logp = F.log_softmax(logits.float(), dim=-1)  # (..., V)
+    return -(logp.exp() * logp).sum(-1)
+
+
+def reverse_kl(student_logits, teacher_logits):
+    """reverse_kl = KL(P_S ‖ P_T) = Σ_v P_S(v) [log P_S(v) - log P_T(v)], nats. (Eq. 1)
+
+    Mode-seeking: the student is penalised for mass where the teacher has none. This is OPD's
+    per-token loss and TIP's divergence axis δ_t. (..., V), (..., V) -> (...).
+    """
+    logp_s = F.log_softmax(student_logits.float(), dim=-1)  # (..., V)
+    logp_t = F.log_softmax(teacher_logits.float(), dim=-1)  # (..., V)
+    return (logp_s.exp() * (logp_s - logp_t)).sum(-1)
+
+
+def forward_kl(student_logits, teacher_logits):
+    """forward_kl = KL(P_T ‖ P_S) = Σ_v P_T(v) [log P_T(v) - log P_S(v)], nats.
+
+    Mass-covering: large when the teacher puts mass where a confident student puts none, which is
+    why the q3 rule uses it to detect overconfident errors. (..., V), (..., V) -> (...).
+    """
+    return reverse_kl(teacher_logits, student_logits)
+
+
+def generalized_jsd(student_logits, teacher_logits, beta):
+    """Generalised Jensen-Shannon divergence with explicit endpoints (the GKD / TRL convention).
+
+        M = beta·P_T + (1 - beta)·P_S
+        JSD(beta) = beta·KL(P_T ‖ M) + (1 - beta)·KL(P_S ‖ M)      for 0 < beta < 1
+        JSD(0) = KL(P_T ‖ P_S) = forward_kl,   JSD(1) = KL(P_S ‖ P_T) = reverse_kl
+
+    The endpoints are defined, not limits: as beta -> 0 the mixture formula tends to 0, not to a
+    KL, so clamping beta near an endpoint would silently train on a vanishing loss.
+    """
+    if not 0.0 <= beta <= 1.0:
+        raise ValueError(f"beta must be in [0, 1], got {beta}")
+    if beta == 0.0:
+        return forward_kl(student_logits, teacher_logits)
+    if beta == 1.0:
+        return reverse_kl(student_logits, teacher_logits)
+    logp_s = F.log_softmax(student_logits.float(), dim=-1)  # (..., V)
+    logp_t = F.log_softmax(teacher_logits.float(), dim=-1)  # (..., V)
+    # log M computed in log space so that tiny probabilities do not underflow
+    logp_m = torch.logsumexp(torch.stack([logp_t + math.log(beta), logp_s + math.log(1 - beta)]), 0)
+    kl_t = (logp_t.exp() * (logp_t - logp_m)).sum(-1)  # KL(P_T ‖ M), (...)
+    kl_s = (logp_s.exp() * (logp_s - logp_m)).sum(-1)  # KL(P_S ‖ M), (...)
+    return beta * kl_t + (1 - beta) * kl_s
+
+
+def divergence(name, student_logits, teacher_logits, beta=0.5):
+    """The training loss by name: 'reverse_kl' (the paper's), 'forward_kl' or 'jsd' (with beta)."""
+    if name == "reverse_kl":
+        return reverse_kl(student_logits, teacher_logits)
+    if name == "forward_kl":
+        return forward_kl(student_logits, teacher_logits)
+    if name == "jsd":
+        return generalized_jsd(student_logits, teacher_logits, beta)
+    raise ValueError(f"unknown loss {name!r}; valid: reverse_kl, forward_kl, jsd")
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-token statistics from hidden states, chunk by chunk: no (N, V) tensor ever exists.
+# ---------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def token_stats(student_hidden, student_head, teacher_hidden, teacher_head, chunk_size=512):
+    """Entropy and both KLs at every position, projecting at most `chunk_size` rows at a time.
+
+    student_hidden (N, D_s), student_head (V_s, D_s); teacher_hidden (N, D_t), teacher_head
+    (V_t, D_t). Only the common leading min(V_s, V_t) rows are used: Qwen2.5 sizes share a
+    tokenizer but pad `lm_head` to different lengths, and the extra rows are never real tokens.
+    Returns a dict of (N,) fp32 tensors: entropy (nats), entropy_norm = entropy / log V (Eq. 2),
+    reverse_kl (δ_t, Eq. 3), forward_kl, and the top-1 token and its probability for each model.
+    """
+    vocab = min(student_head.shape[0], teacher_head.shape[0])
+    ws, wt = student_head[:vocab], teacher_head[:vocab]  # (V, D_s), (V, D_t)
+    out = {k: [] for k in ("entropy", "reverse_kl", "forward_kl", "student_top1", "student_top1_p",
+                           "teacher_top1", "teacher_top1_p")}
+    for i in range(0, student_hidden.shape[0], chunk_size):
+        zs = (student_hidden[i:i + chunk_size] @ ws.T).float()  # (n, V)
+        zt = (teacher_hidden[i:i + chunk_size] @ wt.T).float()  # (n, V)
+        logp_s, logp_t = F.log_softmax(zs, -1), F.log_softmax(zt, -1)  # (n, V) each
+        p_s, p_t = logp_s.exp(), logp_t.exp()  # (n, V) each
+        out["entropy"].append(-(p_s * logp_s).sum(-1))
+        out["reverse_kl"].append((p_s * (logp_s - logp_t)).sum(-1))
+        out["forward_kl"].append((p_t * (logp_t - logp_s)).sum(-1))
+        for who, p in (("student", p_s), ("teacher", p_t)):
+            top_p, top_id = p.max(-1)  # (n,) each
+            out[f"{who}_top1"].append(top_id)
+            out[f"{who}_top1_p"].append(top_p)
+        del zs, zt, logp_s, logp_t, p_s, p_t  # free this chunk before projecting the next
+    stats = {k: torch.cat(v) if v else student_hidden.new_zeros(0) for k, v in out.items()}
+    stats["entropy_norm"] = stats["entropy"] / math.log(vocab)  # h_t in [0, 1] (Eq. 2)
+    return stats
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-batch normalisation (Sections 6, 7.3). `mask` marks the positions that belong to the batch;
+# everything else (prompt, padding, after EOS) is ignored and comes back as 0.
+# ---------------------------------------------------------------------------------------------
+
+def percentile(values, q):
+    """Nearest-rank q-th percentile (0 < q ≤ 100) of a 1-D tensor, via kthvalue, not quantile."""
+    k = max(1, math.ceil(q / 100 * values.numel()))
+    return values.float().kthvalue(k).values
+
+
+def _min_max(x, mask):
+    x = x.float()
+    lo, hi = x[mask].min(), x[mask].max()
+    if hi <= lo:  # a constant axis ranks nothing: map it to 0 rather than divide by zero
+        return torch.zeros_like(x)
+    return torch.where(mask, (x - lo) / (hi - lo), torch.zeros_like(x))
+
+
+def normalize_entropy(h, mask):
+    """ĥ: clip the entropy at the batch's 98th percentile, then min-max scale to [0, 1].
+
+    Clipping stops a few near-uniform positions from squashing everything else towards 0.
+    """
+    if not mask.any():
+        return torch.zeros_like(h, dtype=torch.float32)
+    cap = percentile(h[mask], 98)
+    return _min_max(torch.minimum(h.float(), cap), mask)
+
+
+def normalize_divergence(d, mask):
+    """δ̂: min-max scale the divergence to [0, 1] over the batch."""
+    if not mask.any():
+        return torch.zeros_like(d, dtype=torch.float32)
+    return _min_max(d, mask)
+
+
+# ---------------------------------------------------------------------------------------------
+# The four quadrants (Table 1).
+# ---------------------------------------------------------------------------------------------
+
+QUADRANTS = {1: "Q1 high h, high δ", 2: "Q2 high h, low δ", 3: "Q3 low h, high δ",
+             4: "Q4 low h, low δ"}
+
+
+def classify_quadrants(h_hat, d_hat, mask, h_threshold=None, d_threshold=None):
+    """Quadrant id per position: 1..4 as in Table 1, 0 where `mask` is False.
+
+    "High" means strictly above the threshold. Thresholds default to the (lower) median of each
+    normalised axis over the masked positions ([ours]: the paper gives no number).
+    Returns (quadrant, (h_threshold, d_threshold)) with the thresholds actually used.
+    """
+    if h_threshold is None:
+        h_threshold = percentile(h_hat[mask], 50).item() if mask.any() else 0.0
+    if d_threshold is None:
+        d_threshold = percentile(d_hat[mask], 50).item() if mask.any() else 0.0
+    high_h, high_d = h_hat > h_threshold, d_hat > d_threshold  # same shape as mask
+    quadrant = torch.where(high_h, torch.where(high_d, 1, 2), torch.where(high_d, 3, 4))
+    return torch.where(mask, quadrant, 0), (float(h_threshold), float(d_threshold))
+
+
+def quadrant_summary(quadrant, reverse_kl_values, mask):
+    """Per quadrant: share of the masked tokens and share of their total reverse-KL mass."""
+    q, d = quadrant[mask], reverse_kl_values[mask].float()  # (N,) each
+    total_n, total_kl = max(q.numel(), 1), d.sum().clamp_min(1e-12)
+    return {k: {"share": (q == k).sum().item() / total_n,
+                "kl_share": (d[q == k].sum() / total_kl).item()} for k in QUADRANTS}
