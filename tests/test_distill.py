@@ -1,0 +1,275 @@
+"""distill.py: the chunked, gathered, recomputed loss equals the naive one; masking; invariants;
+CLI smoke runs; and a real learning signal on a tiny pair built here."""
+import json
+import os
+import string
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import distill
+import tip
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def make_tokenizer():
+    from tokenizers import Tokenizer, decoders, models
+    from transformers import PreTrainedTokenizerFast
+    special = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    vocab = {t: i for i, t in enumerate(special + list(string.printable[:95]) + ["\n"])}
+    core = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token=None, fuse_unk=False))
+    core.decoder = decoders.Fuse()
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, eos_token="<|im_end|>",
+                                  pad_token="<|endoftext|>", additional_special_tokens=["<|im_start|>"])
+    tok.chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}"
+                         "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n"
+                         "{% endif %}")
+    return tok
+
+
+def make_model(vocab, hidden=32, layers=2, seed=0):
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+    torch.manual_seed(seed)
+    config = Qwen3Config(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden,
+                         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                         head_dim=8, tie_word_embeddings=True, max_position_embeddings=512,
+                         eos_token_id=2, pad_token_id=0)
+    return Qwen3ForCausalLM(config)
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    """A tokenizer, a teacher with a larger lm_head (Qwen2.5-style padding) and a smaller student,
+    saved and reloaded through from_pretrained, plus a small prompts file."""
+    root = tmp_path_factory.mktemp("pair")
+    tok = make_tokenizer()
+    for name, model in (("teacher", make_model(len(tok) + 5, 48, 2, seed=1)),
+                        ("student", make_model(len(tok), 32, 1, seed=2))):
+        model.save_pretrained(root / name)
+        tok.save_pretrained(root / name)
+    with open(root / "prompts.jsonl", "w") as f:
+        for a in range(12):
+            f.write(json.dumps({"problem": f"What is {a} + {a + 3}?", "answer": str(2 * a + 3)}) + "\n")
+    return {"dir": root, "teacher": str(root / "teacher"), "student": str(root / "student"),
+            "data": str(root / "prompts.jsonl")}
+
+
+def load_pair(pair):
+    cpu = torch.device("cpu")
+    tok = distill.load_tokenizer(pair["student"])
+    teacher = distill.load_model(pair["teacher"], cpu, torch.float32).eval().requires_grad_(False)
+    student = distill.load_model(pair["student"], cpu, torch.float32)
+    return tok, teacher, student
+
+
+def rollouts_for(tok, student, n_prompts=3, samples=2, max_new_tokens=12, seed=0):
+    records = distill.load_records(os.path.join(os.path.dirname(tok.name_or_path), "prompts.jsonl"))
+    prompts, _ = distill.encode_prompts(tok, records[:n_prompts], "problem", 1024)
+    torch.manual_seed(seed)
+    return distill.sample(student, tok, prompts, samples, max_new_tokens)
+
+
+def naive_loss(student, teacher, rollouts, pad, loss="reverse_kl", beta=0.5, kept=None):
+    """Reference: full (B, L, V) logits from the models' own forward, then mask and sum."""
+    ids, attn, mask = distill.collate(rollouts.prompts, rollouts.responses, pad)
+    pos = distill.position_ids(attn)
+    zs = student(input_ids=ids, attention_mask=attn, position_ids=pos).logits  # (B, L, V_s)
+    with torch.no_grad():
+        zt = teacher(input_ids=ids, attention_mask=attn, position_ids=pos).logits  # (B, L, V_t)
+    per_token = tip.divergence(loss, zs, zt[..., :zs.shape[-1]], beta)  # (B, L)
+    use = mask if kept is None else kept
+    return (per_token * use).sum(), mask
+
+
+@pytest.mark.parametrize("loss,beta", [("reverse_kl", 0.5), ("forward_kl", 0.5), ("jsd", 0.3)])
+@pytest.mark.parametrize("chunk_size,recompute", [(1, True), (7, True), (10_000, True), (5, False)])
+def test_selected_loss_equals_naive_values_and_gradients(pair, loss, beta, chunk_size, recompute):
+    tok, teacher, student = load_pair(pair)
+    rollouts = rollouts_for(tok, student)
+    ref, mask = naive_loss(student, teacher, rollouts, distill.pad_id(tok), loss, beta)
+    ref.backward()
+    ref_grads = [p.grad.clone() for p in student.parameters()]
+    student.zero_grad()
+    ids, attn, mask = distill.collate(rollouts.prompts, rollouts.responses, distill.pad_id(tok))
+    h_s = distill.hidden_states(student, ids, attn)
+    with torch.no_grad():
+        h_t = distill.hidden_states(teacher, ids, attn)
+    got = distill.selected_loss(h_s[mask], distill.lm_head(student), h_t[mask],
+                                distill.lm_head(teacher), loss, beta, chunk_size, recompute=recompute)
+    got.backward()
+    assert got.item() == pytest.approx(ref.item(), rel=1e-5)
+    for p, g in zip(student.parameters(), ref_grads):
+        assert torch.allclose(p.grad, g, atol=1e-6, rtol=1e-4)
+
+
+@pytest.mark.parametrize("rule,keep", [("entropy", 0.5), ("soft-or", 0.2), ("q3", 0.1)])
+def test_step_loss_on_selected_positions_equals_naive(pair, rule, keep):
+    tok, teacher, student = load_pair(pair)
+    rollouts = rollouts_for(tok, student)
+    cfg = _cfg(tok, rule=rule, keep=keep, micro_batch_size=100, chunk_size=3)
+    gen = torch.Generator().manual_seed(5)
+    metrics = distill.opd_step(student, teacher, rollouts, cfg, gen, distill.PhaseTimer(torch.device("cpu")))
+    grads = [p.grad.clone() for p in student.parameters()]
+    # reproduce the same selection by hand, then the naive masked loss
+    ids, attn, mask = distill.collate(rollouts.prompts, rollouts.responses, cfg.pad_id)
+    with torch.no_grad():
+        stats = distill.batch_statistics(distill.hidden_states(student, ids, attn),
+                                         distill.lm_head(student), distill.hidden_states(teacher, ids, attn),
+                                         distill.lm_head(teacher), mask, 3)
+    kept, _ = distill.selection.select(rule, stats, mask, keep, torch.Generator().manual_seed(5))
+    student.zero_grad()
+    ref, _ = naive_loss(student, teacher, rollouts, cfg.pad_id, kept=kept)
+    (ref / kept.sum()).backward()
+    assert metrics["loss"] == pytest.approx(ref.item() / kept.sum().item(), rel=1e-5)
+    assert metrics["kept_tokens"] == kept.sum().item()
+    for p, g in zip(student.parameters(), grads):
+        assert torch.allclose(p.grad, g, atol=1e-6, rtol=1e-4)
+
+
+def _cfg(tok, **kw):
+    base = dict(rule="all", keep=1.0, loss="reverse_kl", beta=0.5, importance_weights=False,
+                micro_batch_size=100, chunk_size=512, dtype=torch.float32, pad_id=distill.pad_id(tok))
+    base.update(kw)
+    return distill.argparse.Namespace(**base)
+
+
+def test_micro_batching_does_not_change_the_gradient(pair):
+    tok, teacher, student = load_pair(pair)
+    rollouts = rollouts_for(tok, student, n_prompts=3, samples=2)
+    grads = []
+    for mbs in (1, 2, 6):
+        student.zero_grad()
+        distill.opd_step(student, teacher, rollouts, _cfg(tok, micro_batch_size=mbs),
+                         torch.Generator().manual_seed(0), distill.PhaseTimer(torch.device("cpu")))
+        grads.append(torch.cat([p.grad.flatten() for p in student.parameters()]))
+    assert torch.allclose(grads[0], grads[2], atol=1e-6, rtol=1e-4)
+    assert torch.allclose(grads[1], grads[2], atol=1e-6, rtol=1e-4)
+
+
+def test_gradients_reach_the_student_only(pair):
+    tok, teacher, student = load_pair(pair)
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    rollouts = rollouts_for(tok, student)
+    distill.opd_step(student, teacher, rollouts, _cfg(tok), torch.Generator().manual_seed(0),
+                     distill.PhaseTimer(torch.device("cpu")))
+    assert all(p.grad is None for p in teacher.parameters())
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in student.parameters())
+    assert all(torch.equal(before[k], v) for k, v in teacher.state_dict().items())
+
+
+def test_student_equal_to_teacher_gives_zero_loss(pair):
+    tok, _, student = load_pair(pair)
+    twin = distill.load_model(pair["student"], torch.device("cpu"), torch.float32).eval().requires_grad_(False)
+    rollouts = rollouts_for(tok, student)
+    ids, attn, mask = distill.collate(rollouts.prompts, rollouts.responses, distill.pad_id(tok))
+    with torch.no_grad():
+        h = distill.hidden_states(student, ids, attn)
+        stats = distill.batch_statistics(h, distill.lm_head(student), distill.hidden_states(twin, ids, attn),
+                                         distill.lm_head(twin), mask, 4)
+    assert stats["reverse_kl"][mask].abs().max() < 1e-5
+    metrics = distill.opd_step(student, twin, rollouts, _cfg(tok), torch.Generator().manual_seed(0),
+                               distill.PhaseTimer(torch.device("cpu")))
+    assert abs(metrics["loss"]) < 1e-5 and abs(metrics["reverse_kl"]) < 1e-5
+
+
+def test_collate_masks_only_response_tokens_up_to_eos():
+    ids, attn, mask = distill.collate([[5, 6, 7], [8]], [[10, 11, 2], [12]], pad=0)
+    assert ids.tolist() == [[5, 6, 7, 10, 11, 2], [0, 0, 8, 12, 0, 0]]
+    assert attn.tolist() == [[1, 1, 1, 1, 1, 1], [0, 0, 1, 1, 0, 0]]
+    # position i predicts token i+1: rows' loss positions are the ones before each response token
+    assert mask.tolist() == [[False, False, True, True, True, False], [False, False, True, False, False, False]]
+
+
+def test_sample_cuts_after_first_eos_and_positions_match_generate(pair):
+    tok, _, student = load_pair(pair)
+    records = distill.load_records(pair["data"])
+    prompts, _ = distill.encode_prompts(tok, records[:4], "problem", 1024)
+    rollouts = distill.sample(student, tok, prompts, 1, 10, temperature=0.0, batch_size=4)
+    eos = distill.stop_ids(student, tok)
+    for r in rollouts.responses:
+        assert all(t not in eos for t in r[:-1])  # nothing after the first EOS
+    # the training forward (explicit positions over left padding) reproduces generate's logits
+    P = max(len(p) for p in prompts)
+    ids = torch.tensor([[0] * (P - len(p)) + p for p in prompts])
+    attn = (torch.arange(P) >= torch.tensor([P - len(p) for p in prompts])[:, None]).long()
+    out = student.generate(input_ids=ids, attention_mask=attn, max_new_tokens=3, do_sample=False,
+                           output_logits=True, return_dict_in_generate=True, pad_token_id=0)
+    full = torch.cat([attn, torch.ones(len(prompts), 3, dtype=torch.long)], 1)
+    with torch.no_grad():
+        h = distill.hidden_states(student, out.sequences, full)
+    for j in range(3):
+        logits = h[:, P - 1 + j] @ distill.lm_head(student).T
+        assert torch.allclose(logits, out.logits[j], atol=1e-4)
+
+
+def test_post_eos_and_padding_never_change_the_loss(pair):
+    tok, teacher, student = load_pair(pair)
+    rollouts = rollouts_for(tok, student)
+    cfg = _cfg(tok, micro_batch_size=2)
+    a = distill.opd_step(student, teacher, rollouts, cfg, torch.Generator().manual_seed(0),
+                         distill.PhaseTimer(torch.device("cpu")))
+    cfg.pad_id = 7  # a different pad token: padding must be invisible
+    b = distill.opd_step(student, teacher, rollouts, cfg, torch.Generator().manual_seed(0),
+                         distill.PhaseTimer(torch.device("cpu")))
+    assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+    assert a["response_tokens"] == sum(len(r) for r in rollouts.responses)
+
+
+def run_cli(*args, cwd):
+    return subprocess.run([sys.executable, os.path.join(REPO, "distill.py"), *args], cwd=cwd,
+                          capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("rule", ["all", "entropy", "soft-or"])
+def test_cli_smoke_writes_metrics_and_a_loadable_checkpoint(pair, tmp_path, rule):
+    out = tmp_path / "run"
+    r = run_cli("--teacher", pair["teacher"], "--student", pair["student"], "--dataset", pair["data"],
+                "--rule", rule, "--keep", "0.5", "--steps", "2", "--prompts-per-step", "2",
+                "--samples-per-prompt", "2", "--max-new-tokens", "8", "--micro-batch-size", "2",
+                "--lr", "1e-3", "--output-dir", str(out), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    records = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    assert [rec["step"] for rec in records] == [1, 2]
+    for key in ("loss", "entropy", "reverse_kl", "kept_fraction", "q1_share", "q3_kept_share",
+                "response_length", "tokens_per_s", "peak_memory_bytes", "time/sample", "time/loss"):
+        assert key in records[0], key
+    if rule == "all":
+        assert records[0]["kept_fraction"] == 1.0
+    else:
+        assert 0 < records[0]["kept_fraction"] < 1
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(out / "checkpoint-000002")
+    assert model.config.vocab_size == distill.load_model(pair["student"], torch.device("cpu"),
+                                                         torch.float32).config.vocab_size
+    assert "step    2/2 | loss" in r.stdout
+
+
+def test_twenty_steps_lower_the_reverse_kl_on_fresh_rollouts(pair):
+    tok, teacher, student = load_pair(pair)
+    records = distill.load_records(pair["data"])
+    prompts, _ = distill.encode_prompts(tok, records, "problem", 1024)
+    held_in, fresh = prompts[:8], prompts[8:]
+
+    def fresh_kl():
+        torch.manual_seed(123)
+        r = distill.sample(student, tok, fresh, 4, 10)
+        ids, attn, mask = distill.collate(r.prompts, r.responses, distill.pad_id(tok))
+        with torch.no_grad():
+            s = distill.batch_statistics(distill.hidden_states(student, ids, attn), distill.lm_head(student),
+                                         distill.hidden_states(teacher, ids, attn), distill.lm_head(teacher), mask, 512)
+        return s["reverse_kl"][mask].mean().item()
+
+    before = fresh_kl()
+    opt = torch.optim.AdamW(student.parameters(), lr=3e-3)
+    for step in range(20):
+        torch.manual_seed(step)
+        r = distill.sample(student, tok, held_in, 2, 10)
+        distill.opd_step(student, teacher, r, _cfg(tok), torch.Generator().manual_seed(step),
+                         distill.PhaseTimer(torch.device("cpu")))
+        opt.step()
+        opt.zero_grad()
+    after = fresh_kl()
+    assert after < 0.7 * before, (before, after)
