@@ -33,15 +33,15 @@ Where this departs from the paper, and why:
   skipped and counted, never truncated.
 """
 import argparse
+import contextlib
 import dataclasses
-import functools
 import json
 import math
 import os
 import resource
+import shutil
 import sys
 import time
-from contextlib import nullcontext
 
 import torch
 from torch.utils.checkpoint import checkpoint
@@ -316,54 +316,106 @@ def selected_loss(student_hidden, student_head, teacher_hidden, teacher_head, lo
 
 
 # ---------------------------------------------------------------------------------------------
-# One optimizer step: teacher pass -> student pass -> statistics -> select -> loss, per
-# micro-batch, then the update.
+# 4. Token statistics, normalised over the whole batch (all ranks under torchrun)
 # ---------------------------------------------------------------------------------------------
 
+def distributed():
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def gather(values):
+    """Concatenate a 1-D tensor over all ranks. Returns (all values, offset of this rank's)."""
+    if not distributed():
+        return values, 0
+    world, rank = torch.distributed.get_world_size(), torch.distributed.get_rank()
+    sizes = [torch.zeros(1, dtype=torch.long, device=values.device) for _ in range(world)]
+    torch.distributed.all_gather(sizes, torch.tensor([values.numel()], device=values.device))
+    sizes = [int(s) for s in sizes]
+    padded = values.new_zeros(max(sizes))  # all_gather needs equal shapes: pad, then trim
+    padded[:values.numel()] = values
+    parts = [torch.zeros_like(padded) for _ in range(world)]
+    torch.distributed.all_gather(parts, padded)
+    return torch.cat([p[:s] for p, s in zip(parts, sizes)]), sum(sizes[:rank])
+
+
+def all_reduce_sum(x):
+    """Sum a number over ranks (identity in one process)."""
+    if not distributed():
+        return x
+    t = torch.tensor(float(x), dtype=torch.float64,
+                     device="cuda" if torch.cuda.is_available() else "cpu")
+    torch.distributed.all_reduce(t)
+    return t.item()
+
+
 def batch_statistics(student_hidden, student_head, teacher_hidden, teacher_head, mask, chunk_size):
-    """Step 4: per-position statistics of a micro-batch, padded back to (B, L), plus ĥ, δ̂ and the
-    quadrants. Hidden states are (B, L, D) and detached; mask is the (B, L) loss mask."""
+    """Per-position statistics of a micro-batch, padded back to (B, L), plus ĥ, δ̂ and quadrants.
+
+    Hidden states are (B, L, D) and detached; mask is the (B, L) loss mask. The normalisation and
+    the thresholds see every rank's tokens, so N processes select what one process would.
+    """
     flat = tip.token_stats(student_hidden[mask], student_head, teacher_hidden[mask], teacher_head,
                            chunk_size)  # dict of (N,)
+    h, offset = gather(flat["entropy"])  # (N_all,)
+    d, _ = gather(flat["reverse_kl"])  # (N_all,)
+    every = torch.ones_like(h, dtype=torch.bool)  # (N_all,)
+    h_hat, d_hat = tip.normalize_entropy(h, every), tip.normalize_divergence(d, every)
+    quadrant, _ = tip.classify_quadrants(h_hat, d_hat, every)
+    mine = slice(offset, offset + flat["entropy"].numel())
+    flat.update(h_hat=h_hat[mine], d_hat=d_hat[mine], quadrant=quadrant[mine])
     stats = {}
     for name, values in flat.items():
         stats[name] = torch.zeros(mask.shape, dtype=values.dtype, device=mask.device)  # (B, L)
         stats[name][mask] = values
-    stats["h_hat"] = tip.normalize_entropy(stats["entropy"], mask)  # (B, L)
-    stats["d_hat"] = tip.normalize_divergence(stats["reverse_kl"], mask)  # (B, L)
-    stats["quadrant"], _ = tip.classify_quadrants(stats["h_hat"], stats["d_hat"], mask)
     return stats
 
 
-def opd_step(student, teacher, rollouts, cfg, generator, timer):
-    """Steps 2-6 over micro-batches, accumulating gradients. Returns the step's token metrics."""
+# ---------------------------------------------------------------------------------------------
+# Steps 2-6 for one optimizer step, over micro-batches with gradient accumulation
+# ---------------------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def phase(times, name, device):
+    """Add this block's wall time to times[name] (synchronising CUDA so the time is real)."""
+    t0 = time.perf_counter()
+    yield
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    times[name] = times.get(name, 0.0) + time.perf_counter() - t0
+
+
+def opd_step(student, teacher, rollouts, cfg, generator, times):
+    """Teacher pass, student pass, statistics, selection and loss per micro-batch, gradients
+    accumulated into the student. Returns the step's token metrics (summed over ranks)."""
     device = next(student.parameters()).device
     autocast = (torch.autocast("cuda", dtype=cfg.dtype) if device.type == "cuda"
-                and cfg.dtype != torch.float32 else nullcontext())
+                and cfg.dtype != torch.float32 else contextlib.nullcontext())
     lengths = torch.tensor([len(r) for r in rollouts.responses])  # (B,)
-    # The step's number of trained tokens is known from the lengths alone: it normalises the loss.
+    # The step's number of trained tokens follows from the lengths alone (each rollout keeps
+    # max(1, ⌊keep·m⌋)), so every micro-batch can be divided by it before its backward.
     budget = lengths if cfg.rule == "all" else selection.budget(
-        torch.arange(int(lengths.max())) < lengths[:, None], cfg.keep)
-    n_kept_step = max(int(budget.sum()), 1)
-    sums = {"loss": 0.0, "entropy": 0.0, "reverse_kl": 0.0, "n": 0, "kept": 0}
+        torch.arange(int(lengths.max())) < lengths[:, None], cfg.keep)  # (B,)
+    n_kept_step = max(all_reduce_sum(int(budget.sum())), 1)
+    sums = dict.fromkeys(("loss", "entropy", "reverse_kl", "n", "kept", "length"), 0.0)
     quad_all, quad_kept = torch.zeros(5), torch.zeros(5)
     ws, wt = lm_head(student), lm_head(teacher)
     for i in range(0, len(rollouts.responses), cfg.micro_batch_size):
-        ids, attn, mask = (t.to(device) for t in collate(rollouts.prompts[i:i + cfg.micro_batch_size],
-                           rollouts.responses[i:i + cfg.micro_batch_size], cfg.pad_id))
-        with timer("teacher"), torch.no_grad(), autocast:  # 2. the frozen teacher
+        part = slice(i, i + cfg.micro_batch_size)
+        ids, attn, mask = (t.to(device) for t in collate(rollouts.prompts[part],
+                                                         rollouts.responses[part], cfg.pad_id))
+        with phase(times, "teacher", device), torch.no_grad(), autocast:  # 2. frozen teacher
             h_t = hidden_states(teacher, ids, attn)  # (b, L, D_t)
-        with timer("student"), autocast:  # 3. one student forward, with gradients
+        with phase(times, "student", device), autocast:  # 3. one forward, with gradients
             h_s = hidden_states(student, ids, attn)  # (b, L, D_s)
-        with timer("stats"), autocast:  # 4. statistics from detached hidden states
+        with phase(times, "stats", device), autocast:  # 4. from the detached hidden states
             stats = batch_statistics(h_s.detach(), ws, h_t, wt, mask, cfg.chunk_size)
-        with timer("select"):  # 5. choose positions per rollout
+        with phase(times, "select", device):  # 5. positions to train on, per rollout
             kept, weights = selection.select(cfg.rule, stats, mask, cfg.keep, generator)
-        with timer("loss"), autocast:  # 6. loss on the kept positions only
+        with phase(times, "loss", device), autocast:  # 6. lm_heads on kept positions only
             w = weights[kept] if (cfg.importance_weights and weights is not None) else None
             loss_sum = selected_loss(h_s[kept], ws, h_t[kept], wt, cfg.loss, cfg.beta,
-                                     cfg.chunk_size, w)
-        with timer("backward"):
+                                     cfg.chunk_size, w)  # (,) a sum over kept tokens
+        with phase(times, "backward", device):
             (loss_sum / n_kept_step).backward()
         sums["loss"] += loss_sum.item()
         sums["entropy"] += stats["entropy"][mask].sum().item()
@@ -372,35 +424,19 @@ def opd_step(student, teacher, rollouts, cfg, generator, timer):
         sums["kept"] += int(kept.sum())
         quad_all += torch.bincount(stats["quadrant"][mask].cpu(), minlength=5)[:5].float()
         quad_kept += torch.bincount(stats["quadrant"][kept].cpu(), minlength=5)[:5].float()
+    sums["length"] = float(lengths.sum())
+    sums = {k: all_reduce_sum(v) for k, v in sums.items()}
+    quad_all = torch.tensor([all_reduce_sum(q) for q in quad_all])
+    quad_kept = torch.tensor([all_reduce_sum(q) for q in quad_kept])
     n = max(sums["n"], 1)
     metrics = {"loss": sums["loss"] / n_kept_step, "entropy": sums["entropy"] / n,
                "reverse_kl": sums["reverse_kl"] / n, "kept_fraction": sums["kept"] / n,
-               "response_tokens": sums["n"], "kept_tokens": sums["kept"],
-               "response_length": float(lengths.float().mean())}
+               "response_tokens": int(sums["n"]), "kept_tokens": int(sums["kept"]),
+               "response_length": sums["length"] / max(all_reduce_sum(len(lengths)), 1)}
     for q in range(1, 5):
         metrics[f"q{q}_share"] = (quad_all[q] / max(quad_all.sum(), 1)).item()
         metrics[f"q{q}_kept_share"] = (quad_kept[q] / max(quad_kept.sum(), 1)).item()
     return metrics
-
-
-class PhaseTimer:
-    """Wall time per phase, summed over micro-batches: `with timer("teacher"): ...`."""
-
-    def __init__(self, device):
-        self.device, self.totals = device, {}
-
-    def __call__(self, name):
-        timer = self
-
-        class _Phase:
-            def __enter__(self):
-                self.t0 = time.perf_counter()
-
-            def __exit__(self, *exc):
-                if timer.device.type == "cuda":
-                    torch.cuda.synchronize()
-                timer.totals[name] = timer.totals.get(name, 0.0) + time.perf_counter() - self.t0
-        return _Phase()
 
 
 def peak_memory_bytes(device):
@@ -411,35 +447,38 @@ def peak_memory_bytes(device):
 
 
 # ---------------------------------------------------------------------------------------------
-# The run: settings, the loop over steps, checkpoints
+# The run: settings, checkpoints, the loop over steps
 # ---------------------------------------------------------------------------------------------
 
 def prompt_order(n, step, per_step, seed):
-    """Indices of the prompts of `step`: a fresh seeded permutation per epoch, so the data position
-    is a function of the step alone and a resumed run sees the same prompts."""
-    @functools.lru_cache(maxsize=4)
-    def epoch_perm(epoch):
-        return torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
-    return [epoch_perm(j // n)[j % n] for j in range(step * per_step, (step + 1) * per_step)]
+    """Indices of the prompts of `step` (0-based): a fresh seeded permutation per epoch, so the
+    data position is a function of the step alone and a resumed run sees the same prompts."""
+    perms = {}
+    for j in range(step * per_step, (step + 1) * per_step):
+        if j // n not in perms:
+            perms[j // n] = torch.randperm(n, generator=torch.Generator().manual_seed(seed + j // n))
+        yield int(perms[j // n][j % n])
 
 
 def save_checkpoint(path, student, tokenizer, optimizer, scheduler, step):
-    """HF-format weights + tokenizer + trainer state, written to a temporary folder and renamed
-    into place, so a kill during the save never leaves a half-written checkpoint."""
+    """HF-format weights + tokenizer + trainer state, written to `path.tmp` and renamed into place:
+    a kill during the save leaves the previous checkpoint intact and never a half-written one."""
     tmp = path + ".tmp"
-    if os.path.exists(tmp):
-        import shutil
-        shutil.rmtree(tmp)
+    shutil.rmtree(tmp, ignore_errors=True)
     student.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     torch.save({"step": step, "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "torch_rng": torch.get_rng_state(),
                 "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
                os.path.join(tmp, "trainer_state.pt"))
-    if os.path.exists(path):
-        import shutil
-        shutil.rmtree(path)
-    os.replace(tmp, path)
+    os.replace(tmp, path)  # atomic on POSIX: the checkpoint appears whole or not at all
+
+
+def latest_checkpoint(output_dir):
+    """The newest complete checkpoint folder in output_dir, or None (`.tmp` ones are partial)."""
+    names = sorted(n for n in os.listdir(output_dir) if n.startswith("checkpoint-")
+                   and not n.endswith(".tmp")) if os.path.isdir(output_dir) else []
+    return os.path.join(output_dir, names[-1]) if names else None
 
 
 def parse_args(argv=None):
@@ -460,7 +499,7 @@ def parse_args(argv=None):
     p.add_argument("--max-prompt-length", type=int, default=1024, help="longer prompts are skipped")
     p.add_argument("--enable-thinking", action="store_true", help="Qwen3 chat template thinking mode")
     p.add_argument("--steps", type=int, help="optimizer steps")
-    p.add_argument("--prompts-per-step", type=int, help="prompts per optimizer step")
+    p.add_argument("--prompts-per-step", type=int, help="prompts per optimizer step (all ranks)")
     p.add_argument("--samples-per-prompt", type=int, help="rollouts per prompt")
     p.add_argument("--max-new-tokens", type=int, help="maximum response length")
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
@@ -473,19 +512,26 @@ def parse_args(argv=None):
     p.add_argument("--warmup-steps", type=int, help="linear warm-up steps before the cosine decay")
     p.add_argument("--gradient-checkpointing", choices=["auto", "on", "off"], default="auto",
                    help="activation checkpointing of the student (auto: on for CUDA)")
+    p.add_argument("--max-skipped-steps", type=int, default=5,
+                   help="stop after this many consecutive steps with a non-finite grad norm")
     p.add_argument("--seed", type=int, default=0, help="seed for data order, sampling, selection")
-    p.add_argument("--output-dir", help="where metrics.jsonl and checkpoints go "
-                   "(default: runs/<time>-<rule>-<keep>)")
+    p.add_argument("--output-dir", help="metrics.jsonl and checkpoints (default runs/<time>-<rule>-<keep>)")
     p.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (0: end only)")
-    p.add_argument("--eval-every", type=int, default=0, help="evaluate every N steps (0: never)")
-    p.add_argument("--eval-benchmarks", help="benchmarks for --eval-every (default: toy for the toy "
-                   "pair, else math500)")
-    p.add_argument("--eval-samples", type=int, default=1, help="samples per problem for evaluation")
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint "
+                   "in --output-dir")
+    p.add_argument("--eval-every", type=int, default=0, help="evaluate every N steps, before the "
+                   "first and after the last (0: never; the toy run evaluates before and after)")
+    p.add_argument("--eval-benchmarks", help="comma list (default: toy for the toy pair, else math500)")
+    p.add_argument("--eval-samples", type=int, default=1, help="samples per problem (1: greedy)")
     p.add_argument("--eval-limit", type=int, help="evaluate on the first N problems only")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--dtype", default="auto", help="auto, float32 or bfloat16")
     p.add_argument("--trust-remote-code", action="store_true", help="allow model repo code")
     return p.parse_args(argv)
+
+
+def looks_like_path(name):
+    return name.startswith(("/", "./", "../", "~")) or os.path.exists(name)
 
 
 def validate(args):
@@ -500,14 +546,28 @@ def validate(args):
         raise UsageError(f"--beta must be in [0, 1], got {args.beta}")
     if (args.teacher is None) != (args.student is None):
         raise UsageError("give both --teacher and --student, or neither (the toy pair)")
+    for who in ("teacher", "student"):
+        name = getattr(args, who)
+        if name and looks_like_path(name) and not os.path.isdir(os.path.expanduser(name)):
+            raise UsageError(f"--{who} {name!r} is not a directory (a local model is a folder "
+                             "written by save_pretrained)")
     if args.dtype not in ("auto", "float32", "bfloat16"):
         raise UsageError(f"unknown --dtype {args.dtype!r}; valid: auto, float32, bfloat16")
-    if args.device not in ("auto", "cpu", "cuda") and not args.device.startswith("cuda:"):
+    if args.device not in ("auto", "cpu", "cuda"):
         raise UsageError(f"unknown --device {args.device!r}; valid: auto, cpu, cuda")
     for name in ("steps", "prompts_per_step", "samples_per_prompt", "max_new_tokens",
-                 "micro_batch_size", "generation_batch_size", "chunk_size"):
+                 "micro_batch_size", "generation_batch_size", "chunk_size", "max_skipped_steps"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
+    if args.output_dir:
+        parent = os.path.abspath(args.output_dir)
+        while not os.path.exists(parent):
+            parent = os.path.dirname(parent)
+        if not os.access(parent, os.W_OK) or not os.path.isdir(parent):
+            raise UsageError(f"--output-dir {args.output_dir!r} is not writable ({parent})")
+        if os.path.exists(os.path.join(args.output_dir, "metrics.jsonl")) and not args.resume:
+            raise UsageError(f"--output-dir {args.output_dir!r} already holds a run: pass --resume "
+                             "to continue it, or choose another folder")
 
 
 def resolve_defaults(args):
@@ -530,46 +590,60 @@ def resolve_defaults(args):
     return args
 
 
-def evaluate_now(model, tokenizer, args, step):
+def evaluate_now(model, tokenizer, args):
     """Score the student on the eval benchmarks with evaluate.py's code (no second copy)."""
     import evaluate
     scores = {}
     for name in args.eval_benchmarks.split(","):
-        summary = evaluate.evaluate_benchmark(model, tokenizer, name, samples=args.eval_samples,
-                                              temperature=0.0 if args.eval_samples == 1 else 1.0,
-                                              max_new_tokens=args.max_new_tokens,
-                                              batch_size=args.generation_batch_size,
-                                              enable_thinking=args.enable_thinking,
-                                              limit=args.eval_limit)
+        summary = evaluate.evaluate_benchmark(
+            model, tokenizer, name, samples=args.eval_samples,
+            temperature=0.0 if args.eval_samples == 1 else 1.0, max_new_tokens=args.max_new_tokens,
+            batch_size=args.generation_batch_size, enable_thinking=args.enable_thinking,
+            limit=args.eval_limit)
         scores[f"eval/{name}/mean@{args.eval_samples}"] = summary["mean"]
     return scores
 
 
+def log_line(r, steps):
+    """The fixed-format line printed for every step (metrics defined in the README)."""
+    quads = lambda key: "/".join(f"{r[f'q{q}_{key}']:.2f}" for q in range(1, 5))  # noqa: E731
+    return (f"step {r['step']:4d}/{steps} | loss {r['loss']:.4f} | rkl {r['reverse_kl']:.4f} | "
+            f"H {r['entropy']:.3f} | kept {r['kept_fraction']:.2f} | Q1-4 {quads('share')} "
+            f"kept {quads('kept_share')} | len {r['response_length']:.0f} | "
+            f"{r['tokens_per_s']:.0f} tok/s | mem {r['peak_memory_bytes'] / 2**30:.2f} GiB | "
+            f"{r['step_seconds']:.1f}s" + (" | SKIPPED: grad norm not finite" if r["skipped"] else ""))
+
+
 def train(args):
-    """Load everything, then run args.steps optimizer steps. Returns the list of step records."""
+    """Load everything, then run the optimizer steps. Returns (student, tokenizer, history)."""
     from transformers import get_cosine_schedule_with_warmup
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     device, device_reason = resolve_device(args.device)
     dtype, dtype_reason = resolve_dtype(args.dtype, device)
-    print("settings: " + " ".join(f"{k}={v}" for k, v in sorted(vars(args).items())))
-    print(f"device: {device} ({device_reason}); dtype: {dtype} ({dtype_reason}); "
-          "student master weights fp32")
-    torch.manual_seed(args.seed)
+    if rank == 0:
+        print("settings: " + " ".join(f"{k}={v}" for k, v in sorted(vars(args).items())))
+        print(f"device: {device} ({device_reason}); dtype: {dtype} ({dtype_reason}); "
+              "student master weights fp32")
 
     records = load_records(args.dataset, args.split)
     field = find_prompt_field(records, args.prompt_field)
-    teacher_tok, tokenizer = load_tokenizer(args.teacher, args.trust_remote_code), \
-        load_tokenizer(args.student, args.trust_remote_code)
-    check_same_tokenizer(teacher_tok, tokenizer)
+    tokenizer = load_tokenizer(args.student, args.trust_remote_code)
+    check_same_tokenizer(load_tokenizer(args.teacher, args.trust_remote_code), tokenizer)
     prompts, too_long = encode_prompts(tokenizer, records, field, args.max_prompt_length,
                                        args.enable_thinking)
-    print(f"prompts: {len(prompts)} distinct from {args.dataset} (field {field!r}), "
-          f"{too_long} longer than {args.max_prompt_length} tokens skipped")
+    if args.prompts_per_step % world:
+        raise UsageError(f"--prompts-per-step {args.prompts_per_step} must be divisible by the "
+                         f"number of processes ({world})")
+    checkpoint_dir = latest_checkpoint(args.output_dir) if args.resume else None
+    if rank == 0:
+        print(f"prompts: {len(prompts)} distinct from {args.dataset} (field {field!r}); "
+              f"{too_long} longer than {args.max_prompt_length} tokens skipped")
 
     teacher = load_model(args.teacher, device, dtype, args.trust_remote_code)
     teacher.eval().requires_grad_(False)  # frozen: no gradients, no dropout
-    student = load_model(args.student, device, torch.float32, args.trust_remote_code)
+    student = load_model(checkpoint_dir or args.student, device, torch.float32, args.trust_remote_code)
     if min(lm_head(student).shape[0], lm_head(teacher).shape[0]) < len(tokenizer):
-        raise UsageError("the teacher's and student's lm_heads share fewer rows than the tokenizer "
+        raise UsageError("the teacher's and student's lm_heads have fewer rows than the tokenizer "
                          "has tokens")
     if args.gradient_checkpointing == "on" or (args.gradient_checkpointing == "auto"
                                                and device.type == "cuda"):
@@ -579,54 +653,79 @@ def train(args):
     scheduler = get_cosine_schedule_with_warmup(optimizer, args.warmup_steps, args.steps)
     cfg = argparse.Namespace(**{**vars(args), "dtype": dtype, "pad_id": pad_id(tokenizer)})
 
+    start, history, metrics_path = 0, [], os.path.join(args.output_dir, "metrics.jsonl")
+    if checkpoint_dir:  # resume: weights (above), optimizer, scheduler, step, RNG, metrics
+        state = torch.load(os.path.join(checkpoint_dir, "trainer_state.pt"), weights_only=False)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["torch_rng"])
+        start = state["step"]
+        if rank == 0:  # drop lines logged after the checkpoint by the killed run
+            history = [json.loads(line) for line in open(metrics_path) if line.strip()]
+            history = [r for r in history if r["step"] <= start]
+            with open(metrics_path + ".tmp", "w") as f:
+                f.writelines(json.dumps(r) + "\n" for r in history)
+            os.replace(metrics_path + ".tmp", metrics_path)
+            print(f"resumed from {checkpoint_dir} at step {start}")
     os.makedirs(args.output_dir, exist_ok=True)
-    history = []
-    with open(os.path.join(args.output_dir, "metrics.jsonl"), "a") as log:
-        for step in range(1, args.steps + 1):
-            t_step = time.perf_counter()
-            timer = PhaseTimer(device)
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(device)
-            torch.manual_seed(args.seed * 1_000_003 + step)  # sampling: a function of (seed, step)
-            generator = torch.Generator().manual_seed(args.seed * 1_000_003 + step)  # selection
-            with timer("sample"):  # 1. the student's own rollouts
-                batch = [prompts[j] for j in prompt_order(len(prompts), step - 1,
-                                                          args.prompts_per_step, args.seed)]
-                rollouts = sample(student, tokenizer, batch, args.samples_per_prompt,
-                                  args.max_new_tokens, args.temperature, args.top_p,
-                                  args.generation_batch_size)
-            metrics = opd_step(student, teacher, rollouts, cfg, generator, timer)  # 2-6
-            with timer("update"):  # 7. the update, skipped if the gradient is not finite
-                grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0).item()
-                skipped = not math.isfinite(grad_norm)
-                if not skipped:
-                    optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-            seconds = time.perf_counter() - t_step
-            record = {"step": step, **metrics, "grad_norm": grad_norm, "skipped": skipped,
-                      "lr": scheduler.get_last_lr()[0],
-                      "tokens_per_s": metrics["response_tokens"] / seconds,
-                      "peak_memory_bytes": peak_memory_bytes(device), "step_seconds": seconds,
-                      **{f"time/{k}": v for k, v in timer.totals.items()}}
-            if args.eval_every and step % args.eval_every == 0:
-                record.update(evaluate_now(student, tokenizer, args, step))
-            # 8. one fixed-format line, the same record in metrics.jsonl
-            print(f"step {step:4d}/{args.steps} | loss {record['loss']:.4f} | "
-                  f"rkl {record['reverse_kl']:.4f} | H {record['entropy']:.3f} | "
-                  f"kept {record['kept_fraction']:.2f} | Q1-4 "
-                  + "/".join(f"{record[f'q{q}_share']:.2f}" for q in range(1, 5))
-                  + " kept " + "/".join(f"{record[f'q{q}_kept_share']:.2f}" for q in range(1, 5))
-                  + f" | len {record['response_length']:.0f} | {record['tokens_per_s']:.0f} tok/s"
-                  f" | mem {record['peak_memory_bytes'] / 2**30:.2f} GiB | {seconds:.1f}s"
-                  + (" | SKIPPED: grad norm not finite" if skipped else ""), flush=True)
+    log = open(metrics_path, "a") if rank == 0 else None
+
+    def write(record):
+        history.append(record)
+        if log:
             log.write(json.dumps(record) + "\n")
-            log.flush()
-            history.append(record)
-            if (args.save_every and step % args.save_every == 0) or step == args.steps:
+            log.flush()  # a kill loses at most the line being written
+
+    evaluating = args.eval_every > 0 or args.toy
+    if evaluating and start == 0:
+        write({"step": 0, **evaluate_now(student, tokenizer, args)})
+    skipped_in_a_row = 0
+    for step in range(start + 1, args.steps + 1):
+        t_step, times = time.perf_counter(), {}
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        # Randomness is a function of (seed, step, rank): a resumed run draws what it would have.
+        torch.manual_seed((args.seed * 1_000_003 + step) * 1_009 + rank)
+        generator = torch.Generator().manual_seed((args.seed * 1_000_003 + step) * 1_009 + rank)
+        with phase(times, "sample", device):  # 1. the student's own rollouts
+            order = list(prompt_order(len(prompts), step - 1, args.prompts_per_step, args.seed))
+            batch = [prompts[j] for j in order[rank::world]]  # this rank's share
+            rollouts = sample(student, tokenizer, batch, args.samples_per_prompt,
+                              args.max_new_tokens, args.temperature, args.top_p,
+                              args.generation_batch_size)
+        metrics = opd_step(student, teacher, rollouts, cfg, generator, times)  # 2-6
+        with phase(times, "update", device):  # 7. the update, skipped if not finite
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0))
+            skipped = not math.isfinite(grad_norm) or not math.isfinite(metrics["loss"])
+            if not skipped:
+                optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+        seconds = time.perf_counter() - t_step
+        record = {"step": step, **metrics, "grad_norm": grad_norm, "skipped": skipped,
+                  "lr": scheduler.get_last_lr()[0], "tokens_per_s": metrics["response_tokens"] / seconds,
+                  "peak_memory_bytes": peak_memory_bytes(device), "step_seconds": seconds,
+                  **{f"time/{k}": v for k, v in times.items()}}
+        if evaluating and ((args.eval_every and step % args.eval_every == 0) or step == args.steps):
+            record.update(evaluate_now(student, tokenizer, args))
+        if rank == 0:  # 8. one fixed-format line, the same record in metrics.jsonl
+            print(log_line(record, args.steps), flush=True)
+        write(record)
+        if (args.save_every and step % args.save_every == 0) or step == args.steps:
+            if rank == 0:
                 save_checkpoint(os.path.join(args.output_dir, f"checkpoint-{step:06d}"),
                                 student, tokenizer, optimizer, scheduler, step)
+        skipped_in_a_row = skipped_in_a_row + 1 if skipped else 0
+        if skipped_in_a_row >= args.max_skipped_steps:
+            raise TrainingError(f"{skipped_in_a_row} steps in a row had a non-finite loss or grad "
+                                "norm; stopping (lower --lr, or check the data)")
+    if log:
+        log.close()
     return student, tokenizer, history
+
+
+class TrainingError(Exception):
+    """The run cannot go on (e.g. repeated non-finite steps): one line, exit status 1."""
 
 
 def main(argv=None):
@@ -634,10 +733,24 @@ def main(argv=None):
     try:
         validate(args)
         args = resolve_defaults(args)
-        train(args)
+        student, tokenizer, history = train(args)
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except TrainingError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    except torch.OutOfMemoryError:
+        print("error: out of GPU memory; lower --micro-batch-size, --keep, --chunk-size, "
+              "--samples-per-prompt or --max-new-tokens (or --generation-batch-size if it "
+              "happened while sampling)", file=sys.stderr)
+        sys.exit(1)
+    evals = [r for r in history if any(k.startswith("eval/") for k in r)]
+    if args.toy and len(evals) >= 2:
+        key = next(k for k in evals[-1] if k.startswith("eval/"))
+        print(f"held-out accuracy ({key}): before {100 * evals[0][key]:.1f}% -> "
+              f"after {100 * evals[-1][key]:.1f}%")
+    print(f"metrics and checkpoints in {args.output_dir}")
 
 
 if __name__ == "__main__":
