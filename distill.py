@@ -708,9 +708,9 @@ def train(args):
                   **{f"time/{k}": v for k, v in times.items()}}
         if evaluating and ((args.eval_every and step % args.eval_every == 0) or step == args.steps):
             record.update(evaluate_now(student, tokenizer, args))
-        if rank == 0:  # 8. one fixed-format line, the same record in metrics.jsonl
+        write(record)  # 8. the record in metrics.jsonl, then the same as one fixed-format line
+        if rank == 0:
             print(log_line(record, args.steps), flush=True)
-        write(record)
         if (args.save_every and step % args.save_every == 0) or step == args.steps:
             if rank == 0:
                 save_checkpoint(os.path.join(args.output_dir, f"checkpoint-{step:06d}"),
