@@ -599,7 +599,7 @@ def evaluate_now(model, tokenizer, args):
             model, tokenizer, name, samples=args.eval_samples,
             temperature=0.0 if args.eval_samples == 1 else 1.0, max_new_tokens=args.max_new_tokens,
             batch_size=args.generation_batch_size, enable_thinking=args.enable_thinking,
-            limit=args.eval_limit)
+            limit=args.eval_limit, seed=args.seed)
         scores[f"eval/{name}/mean@{args.eval_samples}"] = summary["mean"]
     return scores
 

@@ -2,7 +2,6 @@
 CLI smoke runs; and a real learning signal on a tiny pair built here."""
 import json
 import os
-import string
 import subprocess
 import sys
 
@@ -11,33 +10,9 @@ import torch
 
 import distill
 import tip
+from helpers import make_model, make_tokenizer, write_jsonl
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def make_tokenizer():
-    from tokenizers import Tokenizer, decoders, models
-    from transformers import PreTrainedTokenizerFast
-    special = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-    vocab = {t: i for i, t in enumerate(special + list(string.printable[:95]) + ["\n"])}
-    core = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token=None, fuse_unk=False))
-    core.decoder = decoders.Fuse()
-    tok = PreTrainedTokenizerFast(tokenizer_object=core, eos_token="<|im_end|>",
-                                  pad_token="<|endoftext|>", additional_special_tokens=["<|im_start|>"])
-    tok.chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}"
-                         "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n"
-                         "{% endif %}")
-    return tok
-
-
-def make_model(vocab, hidden=32, layers=2, seed=0):
-    from transformers import Qwen3Config, Qwen3ForCausalLM
-    torch.manual_seed(seed)
-    config = Qwen3Config(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden,
-                         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-                         head_dim=8, tie_word_embeddings=True, max_position_embeddings=512,
-                         eos_token_id=2, pad_token_id=0)
-    return Qwen3ForCausalLM(config)
 
 
 @pytest.fixture(scope="module")
@@ -46,13 +21,12 @@ def pair(tmp_path_factory):
     saved and reloaded through from_pretrained, plus a small prompts file."""
     root = tmp_path_factory.mktemp("pair")
     tok = make_tokenizer()
-    for name, model in (("teacher", make_model(len(tok) + 5, 48, 2, seed=1)),
-                        ("student", make_model(len(tok), 32, 1, seed=2))):
+    for name, model in (("teacher", make_model(tok, 2, 48, seed=1, extra_rows=5)),
+                        ("student", make_model(tok, 1, 32, seed=2))):
         model.save_pretrained(root / name)
         tok.save_pretrained(root / name)
-    with open(root / "prompts.jsonl", "w") as f:
-        for a in range(12):
-            f.write(json.dumps({"problem": f"What is {a} + {a + 3}?", "answer": str(2 * a + 3)}) + "\n")
+    write_jsonl(root / "prompts.jsonl", [{"problem": f"What is {a} + {a + 3}?", "answer": str(2 * a + 3)}
+                                         for a in range(12)])
     return {"dir": root, "teacher": str(root / "teacher"), "student": str(root / "student"),
             "data": str(root / "prompts.jsonl")}
 

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 import distill
-from test_distill import REPO, make_model, make_tokenizer, pair  # noqa: F401  (pair: fixture)
+from helpers import make_model, make_tokenizer
+from test_distill import REPO, pair  # noqa: F401  (pair: fixture)
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
 VOLATILE = ("tokens_per_s", "peak_memory_bytes", "step_seconds")
@@ -36,7 +37,7 @@ def bad_files(pair, tmp_path_factory):
     (root / "afile").write_text("not a folder")
     other = make_tokenizer()
     other.add_tokens(["<extra>"])
-    make_model(len(other), 16, 1).save_pretrained(root / "other")
+    make_model(other, 1, 16, seed=0).save_pretrained(root / "other")
     other.save_pretrained(root / "other")
     return root
 

@@ -1,0 +1,347 @@
+"""Evaluate a model on MATH-500, AIME 2024 and AIME 2025 (or the toy task): mean@k, graded with
+math-verify. distill.py's periodic evaluations call `evaluate_benchmark`, so a training log and this
+script report numbers from one piece of code.
+
+    python evaluate.py --model Qwen/Qwen3-0.6B --benchmarks math500 --limit 20     # a quick look
+    python evaluate.py --model runs/<run>/checkpoint-000200 --benchmarks math500,aime24,aime25 \\
+        --samples 16 --temperature 1.0                                             # the paper's
+    python evaluate.py --model M --benchmarks mine --data mine=problems.jsonl      # a local file
+
+Benchmarks (hub id, split): math500 = HuggingFaceH4/MATH-500 (test); aime24 =
+HuggingFaceH4/aime_2024 (train); aime25 = yentinglin/aime_2025 (train: the AIME 2025 set lighteval
+uses, in aime_2024's schema); toy = the toy task's held-out split (`python toy.py` builds it).
+`--data NAME=PATH` reads a local .jsonl/.json/.parquet instead. The problem is the first of
+PROBLEM_FIELDS present; the gold answer the first of ANSWER_FIELDS, else the last \\boxed{} of the
+row's `solution`.
+
+Grading one completion:
+    1. Prompt    the chat template around the problem plus distill.INSTRUCTION ("... put your final
+                 answer within \\boxed{}"), rendered exactly as distill.py renders training prompts.
+    2. Extract   the last complete \\boxed{...} (nested braces balanced; also \\fbox{...} and MATH's
+                 `\\boxed 5`). Text before a `</think>` is a draft and is not graded. No box: wrong,
+                 and counted in `no_box`.
+    3. Verify    math-verify parses answer and gold (each wrapped in \\boxed{}) to SymPy and
+                 compares them (\\frac12 = 0.5 = 1/2, \\dfrac, `5\\text{ cm}` = 5), not our code.
+
+Metrics over P problems x k samples (verdicts: a (P, k) 0/1 matrix):
+    mean@k           mean over j of acc_j, the accuracy of sample j over all problems (the paper
+                     reports mean@16 at temperature 1.0).
+    std              standard deviation of the k accuracies acc_j (population: k = 1 gives 0).
+    pass@k           share of problems with at least one correct sample.
+    no_box           share of completions with no boxed answer.
+    truncated        share of completions cut by --max-new-tokens before their end of sequence.
+    response_length  mean completion length in tokens (the end-of-sequence token included).
+
+Outputs: the markdown table on stdout; <output-dir>/scores.json (settings, a summary per benchmark)
+and <output-dir>/completions.jsonl (every completion, its extracted answer and verdict), written
+only once every benchmark has finished. Bad input: one line on stderr, exit status 2.
+
+Traps handled here: math-verify times out with signal.alarm, which only works in the main thread,
+so elsewhere (a background thread) grading runs without a timeout instead of crashing; and greedy
+decoding (temperature 0) with k > 1 would score k copies of one completion, so the CLI refuses it.
+"""
+import argparse
+import json
+import os
+import re
+import sys
+import threading
+import time
+
+import torch
+
+import distill
+from distill import UsageError
+
+HUB = {"math500": ("HuggingFaceH4/MATH-500", "test"),
+       "aime24": ("HuggingFaceH4/aime_2024", "train"),
+       "aime25": ("yentinglin/aime_2025", "train")}
+BENCHMARKS = (*HUB, "toy")
+PROBLEM_FIELDS = ("problem", "question", "prompt", "Problem")
+ANSWER_FIELDS = ("answer", "Answer")
+
+
+# ---------------------------------------------------------------------------------------------
+# Data: rows of a benchmark as {"problem", "answer"}
+# ---------------------------------------------------------------------------------------------
+
+def load_benchmark(name, data=None, limit=None):
+    """The problems of benchmark `name` (or of the local file `data`), the first `limit` only."""
+    if data is not None:
+        records = distill.load_records(data)
+    elif name == "toy":
+        try:
+            import toy  # lazily: evaluate.py works on the real benchmarks without the toy world
+        except ImportError:
+            raise UsageError("the toy benchmark needs toy.py next to evaluate.py") from None
+        path = toy.split_path("heldout")
+        if not os.path.isfile(path):
+            raise UsageError(f"the toy held-out split {path} does not exist: run `python toy.py`")
+        records = distill.load_records(path)
+    elif name in HUB:
+        records = distill.load_records(*HUB[name])
+    else:
+        raise UsageError(f"unknown benchmark {name!r}; valid: {', '.join(BENCHMARKS)}, "
+                         "or any name given a file with --data NAME=PATH")
+    problem_field = next((f for f in PROBLEM_FIELDS if f in records[0]), None)
+    answer_field = next((f for f in ANSWER_FIELDS if f in records[0]), None)
+    columns = ", ".join(records[0])
+    if problem_field is None:
+        raise UsageError(f"{name}: no problem field ({'/'.join(PROBLEM_FIELDS)}) in: {columns}")
+    if answer_field is None and "solution" not in records[0]:
+        raise UsageError(f"{name}: no answer field ({'/'.join(ANSWER_FIELDS)}/solution) in: {columns}")
+    problems = []
+    for i, row in enumerate(records[:limit]):
+        # A row may lack the answer that another row has (a JSON file's columns are the union of
+        # its rows' keys): fall back to its solution. AIME answers may be ints; we grade text.
+        answer = row.get(answer_field) if answer_field else None
+        gold = str(answer) if answer not in (None, "") else extract_boxed(row.get("solution") or "")
+        if not gold:
+            raise UsageError(f"{name}: row {i} has no gold answer")
+        problems.append({"problem": row[problem_field], "answer": gold})
+    return problems
+
+
+# ---------------------------------------------------------------------------------------------
+# Grading: extract the last box, then let math-verify decide equivalence
+# ---------------------------------------------------------------------------------------------
+
+BOX = re.compile(r"\\(?:boxed|fbox)\b")
+
+
+def _box_content(text, i):
+    """The argument of the box command that ends at index i, or None if it is not complete."""
+    j = i + len(text[i:]) - len(text[i:].lstrip())
+    if text[j:j + 1] != "{":
+        # `\boxed 5` (MATH solutions use it): one token, up to a space or `$`; a sentence's
+        # full stop is not part of the answer (math-verify reads "5." as a string).
+        bare = re.match(r"[ \t]+([^\s$]+)", text[i:])
+        return bare.group(1).rstrip(".,;") if bare else None
+    depth, k = 0, j
+    while k < len(text):
+        if text[k] == "\\":
+            k += 2  # \{ \} \\ are escaped characters, not grouping: `\left\{ x \right.` is fine
+            continue
+        depth += {"{": 1, "}": -1}.get(text[k], 0)
+        if depth == 0:
+            return text[j + 1:k].strip()
+        k += 1
+    return None  # never closed: a completion cut off inside its answer
+
+
+def extract_boxed(text):
+    """The content of the last complete, non-empty \\boxed{}, \\fbox{} or `\\boxed x`, else None.
+
+    An unclosed box (truncated output) and an empty one (the instruction's `\\boxed{}` echoed back)
+    are skipped, so an earlier real answer still counts.
+    """
+    for match in reversed(list(BOX.finditer(text))):
+        content = _box_content(text, match.end())
+        if content:
+            return content
+    return None
+
+
+def _timeout():
+    # signal.alarm, math-verify's timeout, raises outside the main thread; None turns it off there.
+    return 5 if threading.current_thread() is threading.main_thread() else None
+
+
+def parse_answer(answer):
+    """An answer string -> math-verify's parsed form (a list of SymPy objects and/or the string).
+    Wrapping in \\boxed{} tells its LaTeX extractor that the whole string is the answer."""
+    from math_verify import parse
+    return parse(f"\\boxed{{{answer}}}", parsing_timeout=_timeout())
+
+
+def grade(completion, parsed_gold):
+    """(extracted answer or None, verdict) for one completion against a parse_answer()'d gold."""
+    from math_verify import verify
+    answer = extract_boxed(completion.rsplit("</think>", 1)[-1])  # boxes while thinking are drafts
+    if answer is None:
+        return None, False
+    # verify is not symmetric: the gold goes first (it decides e.g. how `x = 3` vs `3` is read).
+    return answer, verify(parsed_gold, parse_answer(answer), timeout_seconds=_timeout())
+
+
+def is_correct(completion, gold):
+    """Whether the last boxed answer of `completion` is equivalent to the gold answer string."""
+    return grade(completion, parse_answer(gold))[1]
+
+
+# ---------------------------------------------------------------------------------------------
+# Metrics: pure arithmetic on the (P, k) verdict matrix
+# ---------------------------------------------------------------------------------------------
+
+def mean_at_k(verdicts):
+    """verdicts: (P, k) 0/1 (problems x samples). Returns {mean, std, pass_at_k} as floats."""
+    v = torch.as_tensor(verdicts, dtype=torch.float64)  # (P, k)
+    per_sample = v.mean(0)  # (k,) acc_j: accuracy of the j-th sample over all problems
+    return {"mean": per_sample.mean().item(),
+            "std": per_sample.std(correction=0).item(),  # population std: k = 1 gives 0, not NaN
+            "pass_at_k": v.amax(1).mean().item()}  # any of the k samples right
+
+
+def score(name, problems, completions, lengths, truncated, samples):
+    """Grade completions in problem-major order (the `samples` completions of problem i are
+    consecutive, as distill.sample returns them). Returns (summary dict, one row per completion)."""
+    verdicts, rows = [], []
+    for i, item in enumerate(problems):
+        gold = parse_answer(item["answer"])  # once per problem, not once per sample
+        verdicts.append([])
+        for j in range(samples):
+            n = i * samples + j
+            answer, correct = grade(completions[n], gold)
+            verdicts[-1].append(int(correct))
+            rows.append({"benchmark": name, "index": i, "sample": j, "problem": item["problem"],
+                         "gold": item["answer"], "completion": completions[n], "extracted": answer,
+                         "correct": correct, "length": lengths[n], "truncated": truncated[n]})
+    summary = {"benchmark": name, "n_problems": len(problems), "samples": samples,
+               **mean_at_k(verdicts),
+               "no_box": sum(r["extracted"] is None for r in rows) / len(rows),
+               "truncated": sum(truncated) / len(rows),
+               "response_length": sum(lengths) / len(rows)}
+    return summary, rows
+
+
+# ---------------------------------------------------------------------------------------------
+# One benchmark: prompts -> samples -> grades
+# ---------------------------------------------------------------------------------------------
+
+def evaluate_benchmark(model, tokenizer, name, samples=1, temperature=0.0, max_new_tokens=2048,
+                       batch_size=32, enable_thinking=False, limit=None, data=None, top_p=1.0,
+                       problems=None, seed=None, progress=False, return_rows=False):
+    """Sample `samples` completions per problem of benchmark `name` and grade them.
+
+    `data`: a local file to read instead of the benchmark's hub set; `problems`: already loaded
+    rows (the CLI loads every benchmark before the model, so bad input fails fast). Returns the
+    summary dict (see the module docstring), or (summary, rows) with `return_rows`.
+    """
+    if problems is None:
+        problems = load_benchmark(name, data, limit)
+    prompts = [tokenizer(distill.render_prompt(tokenizer, p["problem"], "problem", enable_thinking),
+                         add_special_tokens=False)["input_ids"] for p in problems]
+    if seed is not None:
+        torch.manual_seed(seed)  # the sampled completions are a function of the seed alone
+    rollouts = distill.sample(model, tokenizer, prompts, samples, max_new_tokens, temperature,
+                              top_p, batch_size, progress=progress)
+    stops = distill.stop_ids(model, tokenizer)
+    texts = tokenizer.batch_decode(rollouts.responses, skip_special_tokens=True)
+    lengths = [len(r) for r in rollouts.responses]
+    truncated = [not r or r[-1] not in stops for r in rollouts.responses]  # no EOS: cut off
+    summary, rows = score(name, problems, texts, lengths, truncated, samples)
+    return (summary, rows) if return_rows else summary
+
+
+# ---------------------------------------------------------------------------------------------
+# The script
+# ---------------------------------------------------------------------------------------------
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="mean@k on math benchmarks, graded with math-verify.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", required=True, help="HF id or local directory (e.g. a checkpoint)")
+    p.add_argument("--benchmarks", help=f"comma-separated: {', '.join(BENCHMARKS)} or --data names "
+                   "(default: the --data names, else math500)")
+    p.add_argument("--data", action="append", default=[], metavar="NAME=PATH",
+                   help="read benchmark NAME from a local .jsonl/.json/.parquet (repeatable)")
+    p.add_argument("--samples", type=int, default=1, help="completions per problem, k (paper: 16)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (paper: 1.0)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold")
+    p.add_argument("--max-new-tokens", type=int, default=2048, help="length cap (paper: 8192)")
+    p.add_argument("--batch-size", type=int, default=32, help="sequences per generate call")
+    p.add_argument("--enable-thinking", action="store_true", help="Qwen3 chat-template thinking")
+    p.add_argument("--limit", type=int, help="evaluate on the first N problems of each benchmark")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (reset per benchmark)")
+    p.add_argument("--output-dir", help="for scores.json and completions.jsonl "
+                   "(default: runs/eval-<time>)")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--dtype", default="auto", help="auto, float32 or bfloat16")
+    p.add_argument("--trust-remote-code", action="store_true", help="allow model repo code")
+    return p.parse_args(argv)
+
+
+def validate(args):
+    """Settings that can be checked before anything is loaded; one clear line if not."""
+    pairs = [d.split("=", 1) for d in args.data]
+    if any(len(pair) != 2 or not all(pair) for pair in pairs):
+        raise UsageError(f"--data takes NAME=PATH, got {args.data}")
+    args.data = dict(pairs)
+    args.benchmarks = args.benchmarks or ",".join(args.data) or "math500"
+    names = [n.strip() for n in args.benchmarks.split(",")]
+    unknown = [n for n in names if n not in BENCHMARKS and n not in args.data]
+    if unknown:
+        raise UsageError(f"unknown benchmark {unknown[0]!r}; valid: {', '.join(BENCHMARKS)}, "
+                         "or any name given a file with --data NAME=PATH")
+    unused = [n for n in args.data if n not in names]  # most likely a typo: say so, don't ignore it
+    if unused:
+        raise UsageError(f"--data names {unused[0]!r}, not in --benchmarks {args.benchmarks}")
+    for flag in ("samples", "max_new_tokens", "batch_size", "limit"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            raise UsageError(f"--{flag.replace('_', '-')} must be at least 1")
+    if args.temperature < 0 or not 0 < args.top_p <= 1:
+        raise UsageError("--temperature must be >= 0 and --top-p in (0, 1]")
+    if args.temperature == 0 and args.samples > 1:
+        raise UsageError("--temperature 0 is greedy: all samples would be the same completion; "
+                         "use --samples 1 or a temperature above 0")
+    if args.dtype not in ("auto", "float32", "bfloat16"):
+        raise UsageError(f"unknown --dtype {args.dtype!r}; valid: auto, float32, bfloat16")
+    args.output_dir = args.output_dir or time.strftime("runs/eval-%Y%m%d-%H%M%S")
+    return names
+
+
+def markdown_table(summaries):
+    lines = ["| benchmark | problems | k | mean@k % | ± std | pass@k % | no box % | truncated % "
+             "| length |", "|---|" + "---:|" * 8]
+    for s in summaries:
+        shares = [f"{100 * s[k]:.1f}" for k in ("mean", "std", "pass_at_k", "no_box", "truncated")]
+        cells = [s["benchmark"], str(s["n_problems"]), str(s["samples"]), *shares,
+                 f"{s['response_length']:.0f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def run(args):
+    names = validate(args)
+    device, device_reason = distill.resolve_device(args.device)
+    dtype, dtype_reason = distill.resolve_dtype(args.dtype, device)
+    print("settings: " + " ".join(f"{k}={v}" for k, v in sorted(vars(args).items())))
+    print(f"device: {device} ({device_reason}); dtype: {dtype} ({dtype_reason})")
+    # Every benchmark is loaded before the model: a bad file fails in seconds, not after a download.
+    problems = {name: load_benchmark(name, args.data.get(name), args.limit) for name in names}
+    tokenizer = distill.load_tokenizer(args.model, args.trust_remote_code)
+    model = distill.load_model(args.model, device, dtype, args.trust_remote_code).eval()
+    summaries, rows = [], []
+    for name in names:
+        print(f"{name}: {len(problems[name])} problems x {args.samples} samples", flush=True)
+        summary, benchmark_rows = evaluate_benchmark(
+            model, tokenizer, name, samples=args.samples, temperature=args.temperature,
+            max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+            enable_thinking=args.enable_thinking, top_p=args.top_p, problems=problems[name],
+            seed=args.seed, progress=True, return_rows=True)
+        summaries.append(summary)
+        rows += benchmark_rows
+    print(markdown_table(summaries))
+    # Files only now, when every benchmark has been scored: an error above leaves nothing behind.
+    os.makedirs(args.output_dir, exist_ok=True)
+    scores = {"model": args.model, "settings": vars(args),
+              "benchmarks": {s["benchmark"]: s for s in summaries}}
+    with open(os.path.join(args.output_dir, "scores.json"), "w") as f:
+        json.dump(scores, f, indent=2)
+    with open(os.path.join(args.output_dir, "completions.jsonl"), "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    print(f"wrote {args.output_dir}/scores.json and completions.jsonl ({len(rows)} completions)")
+    return scores
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        run(args)
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
