@@ -1,0 +1,108 @@
+"""The quadrant analysis of tip.py: tables against direct computation, and its files."""
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import tip
+from helpers import make_tiny_pair, write_jsonl
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def fixed_batch():
+    mask = torch.tensor([[True, True, True, True, False], [True, True, True, True, True]])
+    entropy = torch.tensor([[0.1, 2.0, 0.2, 1.5, 9.0], [0.05, 1.8, 0.3, 0.4, 2.2]])
+    rkl = torch.tensor([[3.0, 0.1, 0.05, 2.0, 9.0], [0.01, 1.0, 2.5, 0.02, 0.3]])
+    stats = {"entropy": entropy, "entropy_norm": entropy / 5, "reverse_kl": rkl,
+             "forward_kl": 2 * rkl}
+    return stats, mask
+
+
+def test_quadrant_table_matches_direct_computation():
+    stats, mask = fixed_batch()
+    rows, (th, td), out = tip.quadrant_table(stats, mask, h_threshold=0.5, d_threshold=0.5)
+    h_hat = tip.normalize_entropy(stats["entropy"], mask)
+    d_hat = tip.normalize_divergence(stats["reverse_kl"], mask)
+    high_h, high_d = (h_hat > 0.5) & mask, (d_hat > 0.5) & mask
+    direct = {1: high_h & high_d, 2: high_h & ~high_d & mask, 3: ~high_h & high_d & mask,
+              4: ~high_h & ~high_d & mask}
+    total = stats["reverse_kl"][mask].sum()
+    for q, row in zip(range(1, 5), rows):
+        sel = direct[q]
+        assert row["share"] == pytest.approx(sel.sum().item() / 9)
+        assert row["kl_share"] == pytest.approx((stats["reverse_kl"][sel].sum() / total).item())
+        if sel.any():
+            assert row["mean_kl"] == pytest.approx(stats["reverse_kl"][sel].mean().item())
+            assert row["mean_h"] == pytest.approx(stats["entropy_norm"][sel].mean().item())
+    assert (th, td) == (0.5, 0.5) and torch.equal(out["quadrant"] > 0, mask)
+
+
+def test_coverage_table_matches_direct_computation():
+    stats, mask = fixed_batch()
+    _, _, stats = tip.quadrant_table(stats, mask)
+    rows = tip.coverage_table(stats, mask, ["soft-or", "entropy-topk"], [0.5], seed=0)
+    import selection
+    for row in rows:
+        kept, _ = selection.select(row["rule"], stats, mask, 0.5)
+        assert row["kl_kept"] == pytest.approx((stats["reverse_kl"][kept].sum()
+                                                / stats["reverse_kl"][mask].sum()).item())
+        for q in range(1, 5):
+            in_q = stats["quadrant"] == q
+            assert row[f"q{q}_kept"] == pytest.approx(((kept & in_q).sum() / max(in_q.sum(), 1)).item())
+
+
+@pytest.fixture(scope="module")
+def analysis(tmp_path_factory):
+    root = tmp_path_factory.mktemp("analysis")
+    teacher, student = make_tiny_pair(root)
+    data = write_jsonl(root / "p.jsonl", [{"problem": f"{a}+{a}=?"} for a in range(5)])
+    out = root / "out"
+    r = subprocess.run([sys.executable, os.path.join(REPO, "tip.py"), "--teacher", teacher,
+                        "--student", student, "--dataset", data, "--prompts", "3",
+                        "--samples-per-prompt", "2", "--max-new-tokens", "12", "--output-dir", str(out)],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    return r, out
+
+
+def test_analysis_cli_prints_tables_and_writes_files(analysis):
+    r, out = analysis
+    assert "| Q3 low h, high δ |" in r.stdout and "| soft-or | 0.500 |" in r.stdout
+    from PIL import Image
+    assert Image.open(out / "quadrants.png").size == (800, 800)
+    assert Image.open(out / "coverage.png").size == (1200, 500)
+    page = (out / "tokens.html").read_text()
+    assert "<script" not in page and "http" not in page  # offline: nothing external
+    # one coloured span per response token of the rollouts shown (6 rollouts, ≤ 12 tokens each)
+    spans = re.findall(r"<span class='q[1-4]'", page)
+    assert 6 <= len(spans) <= 6 * 12
+    n_tokens = int(r.stdout.split(" response tokens")[0].split()[-1])
+    assert len(spans) == n_tokens  # all 6 rollouts are shown, so every token is a span
+
+
+def test_plot_handles_runs_with_and_without_eval(tmp_path):
+    from PIL import Image
+    base = {"loss": 0.5, "reverse_kl": 0.4, **{f"q{q}_kept_share": 0.25 for q in range(1, 5)}}
+    for name, evals in (("a", False), ("b", True)):
+        rows = [{"step": s, **base} for s in (1, 2, 3)]
+        if evals:
+            rows = [{"step": 0, "eval/toy/mean@1": 0.3}] + rows
+            rows[-1]["eval/toy/mean@1"] = 0.5
+        write_jsonl(tmp_path / name / "metrics.jsonl", rows) if os.makedirs(tmp_path / name) is None else None
+    r = subprocess.run([sys.executable, os.path.join(REPO, "tip.py"), "plot", str(tmp_path / "a"),
+                        "--output", str(tmp_path / "one.png")], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    tip.plot_runs([tmp_path / "a", tmp_path / "b"], tmp_path / "two.png")
+    assert Image.open(tmp_path / "one.png").size == (1200, 800)
+    assert os.path.getsize(tmp_path / "two.png") > os.path.getsize(tmp_path / "one.png")
+
+
+def test_bad_input(tmp_path):
+    r = subprocess.run([sys.executable, os.path.join(REPO, "tip.py"), "plot", str(tmp_path)],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "holds no metrics.jsonl" in r.stderr and "Traceback" not in r.stderr
