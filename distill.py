@@ -255,7 +255,10 @@ def sample(model, tokenizer, prompts, samples_per_prompt=1, max_new_tokens=256, 
         P = max(len(p) for p in batch)
         ids = torch.tensor([[pad] * (P - len(p)) + p for p in batch], device=device)  # (b, P)
         mask = torch.tensor([[0] * (P - len(p)) + [1] * len(p) for p in batch], device=device)
-        out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
+        # synced_gpus: under FSDP every rank must run the same number of forward passes, so a
+        # rank that finished keeps stepping until all have (no effect in one process)
+        out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config,
+                             synced_gpus=distributed())
         for row in out[:, P:].tolist():  # (b, new)
             end = next((j for j, t in enumerate(row) if t in stops), None)
             responses.append(row if end is None else row[:end + 1])
@@ -338,6 +341,10 @@ def gather(values):
     return torch.cat([p[:s] for p, s in zip(parts, sizes)]), sum(sizes[:rank])
 
 
+def world_size():
+    return torch.distributed.get_world_size() if distributed() else 1
+
+
 def all_reduce_sum(x):
     """Sum a number over ranks (identity in one process)."""
     if not distributed():
@@ -416,7 +423,9 @@ def opd_step(student, teacher, rollouts, cfg, generator, times):
             loss_sum = selected_loss(h_s[kept], ws, h_t[kept], wt, cfg.loss, cfg.beta,
                                      cfg.chunk_size, w)  # (,) a sum over kept tokens
         with phase(times, "backward", device):
-            (loss_sum / n_kept_step).backward()
+            # FSDP averages gradients over ranks, but each rank holds only a part of the sum over
+            # the step's kept tokens: scaling by the world size turns that average into the sum.
+            (loss_sum / n_kept_step * world_size()).backward()
         sums["loss"] += loss_sum.item()
         sums["entropy"] += stats["entropy"][mask].sum().item()
         sums["reverse_kl"] += stats["reverse_kl"][mask].sum().item()
@@ -447,6 +456,59 @@ def peak_memory_bytes(device):
 
 
 # ---------------------------------------------------------------------------------------------
+# Scale out: torchrun + FSDP2 (one process: all of this is skipped)
+# ---------------------------------------------------------------------------------------------
+
+def setup_distributed(device_name):
+    """Join the process group that torchrun describes (nccl on CUDA, gloo on CPU).
+    Returns (rank, world size); (0, 1) without torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if world == 1:
+        return 0, 1
+    cuda = torch.cuda.is_available() and device_name != "cpu"
+    if cuda:
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    torch.distributed.init_process_group("nccl" if cuda else "gloo")
+    return torch.distributed.get_rank(), world
+
+
+def shard(model):
+    """FSDP2: shard each decoder layer across ranks. Embeddings, the final norm and the lm_head
+    stay whole on every rank, because the statistics and the chunked loss use the lm_head weight
+    outside the model's forward, where FSDP would not gather it."""
+    from torch.distributed.fsdp import fully_shard
+    for layer in model.base_model.layers:
+        # Each layer is its own FSDP root here, and a root keeps its gathered weights after the
+        # forward unless told otherwise: that would hold every layer whole at once.
+        fully_shard(layer, reshard_after_forward=True)
+    return model
+
+
+def clip_grad_norm(model, max_norm):
+    """Average the replicated parameters' gradients over ranks (FSDP has already averaged the
+    sharded ones), then clip the global gradient norm. Returns the norm before clipping."""
+    from torch.distributed.tensor import DTensor
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    if not distributed():
+        return float(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm))
+    sharded = torch.zeros((), dtype=torch.float64, device=grads[0].device)
+    replicated = torch.zeros((), dtype=torch.float64, device=grads[0].device)
+    for g in grads:
+        if isinstance(g, DTensor):
+            sharded += g.to_local().double().pow(2).sum()
+        else:
+            torch.distributed.all_reduce(g)  # gloo has no AVG: sum, then divide
+            g.div_(torch.distributed.get_world_size())
+            replicated += g.double().pow(2).sum()
+    torch.distributed.all_reduce(sharded)
+    norm = float((sharded + replicated).sqrt())
+    scale = min(1.0, max_norm / (norm + 1e-6))
+    for g in grads:
+        (g.to_local() if isinstance(g, DTensor) else g).mul_(scale)
+    return norm
+
+
+# ---------------------------------------------------------------------------------------------
 # The run: settings, checkpoints, the loop over steps
 # ---------------------------------------------------------------------------------------------
 
@@ -462,12 +524,20 @@ def prompt_order(n, step, per_step, seed):
 
 def save_checkpoint(path, student, tokenizer, optimizer, scheduler, step):
     """HF-format weights + tokenizer + trainer state, written to `path.tmp` and renamed into place:
-    a kill during the save leaves the previous checkpoint intact and never a half-written one."""
+    a kill during the save leaves the previous checkpoint intact and never a half-written one.
+    Every rank must call it: the full (unsharded) state dicts are gathered to rank 0, which writes."""
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict)
+    full = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    weights = get_model_state_dict(student, options=full)
+    optimizer_state = get_optimizer_state_dict(student, optimizer, options=full)  # keyed by name
+    if distributed() and torch.distributed.get_rank() != 0:
+        return
     tmp = path + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    student.save_pretrained(tmp)
+    student.save_pretrained(tmp, state_dict=weights)
     tokenizer.save_pretrained(tmp)
-    torch.save({"step": step, "optimizer": optimizer.state_dict(),
+    torch.save({"step": step, "optimizer": optimizer_state,
                 "scheduler": scheduler.state_dict(), "torch_rng": torch.get_rng_state(),
                 "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
                os.path.join(tmp, "trainer_state.pt"))
@@ -617,8 +687,10 @@ def log_line(r, steps):
 def train(args):
     """Load everything, then run the optimizer steps. Returns (student, tokenizer, history)."""
     from transformers import get_cosine_schedule_with_warmup
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    rank, world = setup_distributed(args.device)
     device, device_reason = resolve_device(args.device)
+    if world > 1 and device.type == "cuda":
+        device = torch.device("cuda", torch.cuda.current_device())
     dtype, dtype_reason = resolve_dtype(args.dtype, device)
     if rank == 0:
         print("settings: " + " ".join(f"{k}={v}" for k, v in sorted(vars(args).items())))
@@ -648,6 +720,8 @@ def train(args):
     if args.gradient_checkpointing == "on" or (args.gradient_checkpointing == "auto"
                                                and device.type == "cuda"):
         student.activation_checkpointing_enable()
+    if world > 1:
+        shard(teacher), shard(student)
     student.train()
     optimizer = torch.optim.AdamW(student.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     scheduler = get_cosine_schedule_with_warmup(optimizer, args.warmup_steps, args.steps)
@@ -656,7 +730,9 @@ def train(args):
     start, history, metrics_path = 0, [], os.path.join(args.output_dir, "metrics.jsonl")
     if checkpoint_dir:  # resume: weights (above), optimizer, scheduler, step, RNG, metrics
         state = torch.load(os.path.join(checkpoint_dir, "trainer_state.pt"), weights_only=False)
-        optimizer.load_state_dict(state["optimizer"])
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+        set_optimizer_state_dict(student, optimizer, state["optimizer"],
+                                 options=StateDictOptions(full_state_dict=True))
         scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["torch_rng"])
         start = state["step"]
@@ -695,7 +771,7 @@ def train(args):
                               args.generation_batch_size)
         metrics = opd_step(student, teacher, rollouts, cfg, generator, times)  # 2-6
         with phase(times, "update", device):  # 7. the update, skipped if not finite
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0))
+            grad_norm = clip_grad_norm(student, 1.0)
             skipped = not math.isfinite(grad_norm) or not math.isfinite(metrics["loss"])
             if not skipped:
                 optimizer.step()
@@ -712,9 +788,8 @@ def train(args):
         if rank == 0:
             print(log_line(record, args.steps), flush=True)
         if (args.save_every and step % args.save_every == 0) or step == args.steps:
-            if rank == 0:
-                save_checkpoint(os.path.join(args.output_dir, f"checkpoint-{step:06d}"),
-                                student, tokenizer, optimizer, scheduler, step)
+            save_checkpoint(os.path.join(args.output_dir, f"checkpoint-{step:06d}"),
+                            student, tokenizer, optimizer, scheduler, step)
         skipped_in_a_row = skipped_in_a_row + 1 if skipped else 0
         if skipped_in_a_row >= args.max_skipped_steps:
             raise TrainingError(f"{skipped_in_a_row} steps in a row had a non-finite loss or grad "
@@ -745,6 +820,10 @@ def main(argv=None):
               "--samples-per-prompt or --max-new-tokens (or --generation-batch-size if it "
               "happened while sampling)", file=sys.stderr)
         sys.exit(1)
+    if distributed():
+        torch.distributed.destroy_process_group()
+    if int(os.environ.get("RANK", 0)) != 0:
+        return
     evals = [r for r in history if any(k.startswith("eval/") for k in r)]
     if args.toy and len(evals) >= 2:
         key = next(k for k in evals[-1] if k.startswith("eval/"))
