@@ -10,9 +10,9 @@ Contract. A rule is a function `rule(stats, mask, keep, generator) -> (keep_mask
 - `generator`: a torch.Generator for the sampling rules, so a seed fixes the selection.
 It returns a (B, T) bool keep mask (never True outside `mask`) and, for the sampling rules, (B, T)
 importance weights ∝ 1/p_t on the kept positions (None for deterministic rules). The weights are
-self-normalised to average 1 over each rollout's kept tokens, so the weighted loss keeps the scale
-of the plain mean; distill.py uses them only with --importance-weights (the paper trains with a
-plain mean). Sampling without replacement uses Gumbel top-k, which draws exactly the successive
+self-normalised to average 1 over each rollout's kept tokens (a ratio estimator, on the scale of the
+plain mean); distill.py uses them only with --importance-weights (the paper trains with a plain
+mean). Sampling without replacement uses Gumbel top-k, which draws exactly the successive
 sampling design; its inclusion probabilities have no closed form, so p_t is the standard πps
 approximation min(1, k·h_t / Σ h), with the cap redistributed.
 
@@ -56,20 +56,31 @@ def sample_per_rollout(prob, mask, keep, generator):
     return kept, importance_weights(prob, mask, kept, keep)
 
 
-def importance_weights(prob, mask, kept, keep):
-    """1/p_t on kept positions, self-normalised to mean 1 per rollout; p_t ≈ min(1, k·w_t/Σw)."""
+def inclusion_probabilities(prob, mask, keep):
+    """p_t ≈ min(1, k·w_t / Σ w) per rollout, the cap redistributed (the πps design). (B, T)."""
     k = budget(mask, keep).double()[:, None]  # (B, 1)
     w = torch.where(mask, prob.double().clamp_min(1e-12), 0.0)  # (B, T)
     capped = torch.zeros_like(mask)  # (B, T): positions already at p = 1
-    for _ in range(mask.shape[-1]):  # πps with a cap: give capped mass back to the rest
+    for _ in range(mask.shape[-1]):  # give the capped mass back to the others until none exceeds 1
         free = mask & ~capped
         k_free = k - capped.sum(-1, keepdim=True)
         p = torch.where(capped, 1.0, k_free * w / (w * free).sum(-1, keepdim=True).clamp_min(1e-300))
         if not (free & (p > 1)).any():
             break
         capped = capped | (free & (p > 1))
-    inv = torch.where(kept, 1.0 / p.clamp_min(1e-12), 0.0)  # (B, T)
-    return (inv * k / inv.sum(-1, keepdim=True).clamp_min(1e-300)).float()
+    return torch.where(mask, p, 0.0)
+
+
+def importance_weights(prob, mask, kept, keep):
+    """1/p_t on kept positions, self-normalised to mean 1 per rollout.
+
+    Self-normalising makes the weighted loss a ratio estimator of the rollout's mean divergence:
+    slightly biased, but on the scale of the plain mean. The paper's unbiased form (1/m) Σ g_t/p_t
+    (and its variance formula) is the same weights without the normalisation.
+    """
+    k = budget(mask, keep).double()[:, None]  # (B, 1)
+    inv = torch.where(kept, 1.0 / inclusion_probabilities(prob, mask, keep).clamp_min(1e-12), 0.0)
+    return (inv * k / inv.sum(-1, keepdim=True).clamp_min(1e-300)).float()  # (B, T)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -121,3 +121,12 @@ def test_bad_input_is_refused_clearly():
     for keep in (0.0, -0.1, 1.5):
         with pytest.raises(ValueError, match=r"keep must be in \(0, 1\]"):
             selection.select("entropy", stats, mask, keep)
+
+
+def test_inclusion_probabilities_sum_to_the_budget_and_cap_at_one():
+    prob = torch.tensor([[0.1, 0.3, 0.6, 0.0], [1.0, 1.0, 1.0, 1.0]])
+    mask = torch.tensor([[True, True, True, False], [True, True, True, True]])
+    p = selection.inclusion_probabilities(prob, mask, keep=0.67)  # k = 2 and 2
+    assert p[0].tolist() == pytest.approx([0.25, 0.75, 1.0, 0.0])
+    assert p[1].tolist() == pytest.approx([0.5] * 4)
+    assert p.sum(-1).tolist() == pytest.approx([2.0, 2.0])
