@@ -370,11 +370,7 @@ def batch_statistics(student_hidden, student_head, teacher_hidden, teacher_head,
     quadrant, _ = tip.classify_quadrants(h_hat, d_hat, every)
     mine = slice(offset, offset + flat["entropy"].numel())
     flat.update(h_hat=h_hat[mine], d_hat=d_hat[mine], quadrant=quadrant[mine])
-    stats = {}
-    for name, values in flat.items():
-        stats[name] = torch.zeros(mask.shape, dtype=values.dtype, device=mask.device)  # (B, L)
-        stats[name][mask] = values
-    return stats
+    return tip.to_padded(flat, mask)  # dict of (B, L)
 
 
 # ---------------------------------------------------------------------------------------------

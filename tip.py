@@ -1,7 +1,9 @@
 """TIP's two axes and four quadrants: student entropy and teacher-student divergence per token.
 
-Contract. Pure functions over tensors, no model, tokenizer, file or print inside; distill.py, the
-notebook, the tests and people's forks import these exact names.
+Contract. The math is pure functions over tensors, with no model, tokenizer, file or print inside;
+distill.py, the notebook, the tests and people's forks import these exact names. The quadrant
+analysis CLI at the end of the file (`python tip.py`) is the only part that loads models, prints
+and writes pictures.
 
 Notation: `V` vocabulary, `N` response positions (flattened), `D` hidden size, `B` rollouts and
 `T` positions when a batch is kept padded. P_S is the student's next-token distribution, P_T the
@@ -129,6 +131,15 @@ def token_stats(student_hidden, student_head, teacher_hidden, teacher_head, chun
     stats = {k: torch.cat(v) if v else student_hidden.new_zeros(0) for k, v in out.items()}
     stats["entropy_norm"] = stats["entropy"] / math.log(vocab)  # h_t in [0, 1] (Eq. 2)
     return stats
+
+
+def to_padded(flat, mask):
+    """Scatter a dict of (N,) per-position values back to (B, T) tensors, zeros outside `mask`."""
+    padded = {}
+    for name, values in flat.items():
+        padded[name] = torch.zeros(mask.shape, dtype=values.dtype, device=values.device)  # (B, T)
+        padded[name][mask.to(values.device)] = values
+    return padded
 
 
 # ---------------------------------------------------------------------------------------------
@@ -370,11 +381,7 @@ def collect(teacher, student, tokenizer, prompts, samples_per_prompt, max_new_to
         h_s = distill.hidden_states(student, part[0], part[1])[part[2]]  # (n, D_s)
         h_t = distill.hidden_states(teacher, part[0], part[1])[part[2]]  # (n, D_t)
         flat.append(token_stats(h_s, distill.lm_head(student), h_t, distill.lm_head(teacher), chunk_size))
-    stats = {}
-    for k in flat[0]:
-        values = torch.cat([f[k] for f in flat]).cpu()  # (N,)
-        stats[k] = torch.zeros(mask.shape, dtype=values.dtype)  # (B, L)
-        stats[k][mask] = values
+    stats = to_padded({k: torch.cat([f[k] for f in flat]).cpu() for k in flat[0]}, mask)
     return rollouts, stats, mask
 
 
