@@ -48,142 +48,15 @@ from torch.utils.checkpoint import checkpoint
 
 import selection
 import tip
+from loading import (UsageError, check_same_tokenizer, encode_prompts, find_prompt_field,
+                     load_model, load_records, load_tokenizer, looks_like_path, resolve_device,
+                     resolve_dtype)
+from parallel import (all_reduce_sum, clip_grad_norm, distributed, gather, setup_distributed,
+                      shard, world_size)
 
-INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
-PROMPT_FIELDS = ("prompt", "problem", "question", "messages", "query", "instruction", "input")
 PAPER_DEFAULTS = dict(dataset="BytedTsinghua-SIA/DAPO-Math-17k", lr=1e-6, steps=200,
                       prompts_per_step=8, samples_per_prompt=16, max_new_tokens=8192,
                       micro_batch_size=4, generation_batch_size=32, warmup_steps=10)
-
-
-class UsageError(Exception):
-    """Bad input: main() prints the message on one line and exits with status 2."""
-
-
-# ---------------------------------------------------------------------------------------------
-# Set-up: device, dtype, models, tokenizers, prompts
-# ---------------------------------------------------------------------------------------------
-
-def resolve_device(name):
-    """'auto' -> cuda when available, else cpu. Returns (device, reason)."""
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda"), "auto: CUDA is available"
-        return torch.device("cpu"), "auto: no CUDA device"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda was asked for but no CUDA device is available")
-    return torch.device(name), "as requested"
-
-
-def resolve_dtype(name, device):
-    """Compute dtype for the teacher and the student's autocast. The student's master weights
-    stay fp32 whatever this says: with lr 1e-6, bf16 weights would round most updates away."""
-    if name == "auto":
-        if device.type == "cuda" and torch.cuda.is_bf16_supported():
-            return torch.bfloat16, "auto: bf16 autocast on a GPU that supports it"
-        return torch.float32, f"auto: fp32 on {device.type}"
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name], "as requested"
-
-
-def load_tokenizer(name, trust_remote_code=False):
-    from transformers import AutoTokenizer
-    try:
-        return AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as e:
-        raise UsageError(f"cannot load tokenizer {name!r}: not a local directory and not reachable "
-                         f"on the hub (offline use needs a local directory) [{type(e).__name__}]")
-
-
-def load_model(name, device, dtype, trust_remote_code=False):
-    from transformers import AutoModelForCausalLM
-    from transformers.utils import logging
-    logging.disable_progress_bar()
-    try:
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype,
-                                                     trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as e:
-        raise UsageError(f"cannot load model {name!r}: not a local directory and not reachable "
-                         f"on the hub (offline use needs a local directory) [{type(e).__name__}]")
-    return model.to(device)
-
-
-def check_same_tokenizer(teacher_tok, student_tok):
-    """Teacher and student must map text to the same ids; refuse clearly otherwise."""
-    vt, vs = teacher_tok.get_vocab(), student_tok.get_vocab()
-    if vt != vs:
-        diff = sorted(set(vt.items()) ^ set(vs.items()), key=lambda kv: kv[1])[:1]
-        raise UsageError(f"teacher and student tokenizers differ ({len(vt)} vs {len(vs)} tokens; "
-                         f"first difference {diff}): OPD scores the student's token ids with the "
-                         "teacher, so both must share one tokenizer")
-
-
-def load_records(dataset, split="train"):
-    """Rows of an HF dataset id, or of a local .jsonl/.json/.parquet file, as a list of dicts."""
-    import datasets
-    datasets.disable_progress_bars()
-    local = os.path.splitext(dataset)[1] in (".jsonl", ".json", ".parquet")
-    if local and not os.path.isfile(dataset):
-        raise UsageError(f"dataset file {dataset!r} does not exist")
-    try:
-        if local:
-            kind = "parquet" if dataset.endswith(".parquet") else "json"
-            rows = datasets.load_dataset(kind, data_files=dataset, split="train")
-        else:
-            rows = datasets.load_dataset(dataset, split=split)
-    except Exception as e:  # the hub raises many types; the user needs one line either way
-        raise UsageError(f"cannot load dataset {dataset!r} (split {split!r}): "
-                         f"{str(e).splitlines()[0][:200] if str(e) else type(e).__name__}")
-    rows = list(rows)
-    if not rows:
-        raise UsageError(f"dataset {dataset!r} is empty")
-    return rows
-
-
-def find_prompt_field(records, field=None):
-    """The column holding the prompts: `field` if given, else the first of PROMPT_FIELDS present."""
-    names = [field] if field else PROMPT_FIELDS
-    for name in names:
-        if name in records[0]:
-            return name
-    raise UsageError(f"no prompt field {'named ' + repr(field) if field else 'found'} in the dataset "
-                     f"(columns: {', '.join(records[0])}); pass --prompt-field")
-
-
-def format_problem(problem):
-    """A bare problem plus the usual instruction to reason and box the final answer."""
-    return f"{problem}\n{INSTRUCTION}"
-
-
-def render_prompt(tokenizer, prompt, field="prompt", enable_thinking=False):
-    """Chat-template text for one prompt: a message list as is; a plain string from a `prompt`
-    column as is; a bare `problem`/`question` string gets the boxed-answer instruction."""
-    if isinstance(prompt, str):
-        text = prompt if field == "prompt" else format_problem(prompt)
-        prompt = [{"role": "user", "content": text}]
-    if tokenizer.chat_template is None:  # base models: plain text, no template
-        return "\n".join(m["content"] for m in prompt) + "\n"
-    return tokenizer.apply_chat_template(list(prompt), tokenize=False, add_generation_prompt=True,
-                                         enable_thinking=enable_thinking)
-
-
-def encode_prompts(tokenizer, records, field, max_prompt_length, enable_thinking=False):
-    """Token ids of each distinct prompt; too-long prompts are skipped and counted."""
-    seen, prompts, too_long = set(), [], 0
-    for row in records:
-        key = json.dumps(row[field], sort_keys=True, default=str)
-        if key in seen:
-            continue
-        seen.add(key)
-        text = render_prompt(tokenizer, row[field], field, enable_thinking)
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-        if len(ids) > max_prompt_length:
-            too_long += 1
-            continue
-        prompts.append(ids)
-    if not prompts:
-        raise UsageError(f"every prompt is longer than --max-prompt-length {max_prompt_length} "
-                         f"({too_long} skipped)")
-    return prompts, too_long
 
 
 # ---------------------------------------------------------------------------------------------
@@ -322,39 +195,6 @@ def selected_loss(student_hidden, student_head, teacher_hidden, teacher_head, lo
 # 4. Token statistics, normalised over the whole batch (all ranks under torchrun)
 # ---------------------------------------------------------------------------------------------
 
-def distributed():
-    return torch.distributed.is_available() and torch.distributed.is_initialized()
-
-
-def gather(values):
-    """Concatenate a 1-D tensor over all ranks. Returns (all values, offset of this rank's)."""
-    if not distributed():
-        return values, 0
-    world, rank = torch.distributed.get_world_size(), torch.distributed.get_rank()
-    sizes = [torch.zeros(1, dtype=torch.long, device=values.device) for _ in range(world)]
-    torch.distributed.all_gather(sizes, torch.tensor([values.numel()], device=values.device))
-    sizes = [int(s) for s in sizes]
-    padded = values.new_zeros(max(sizes))  # all_gather needs equal shapes: pad, then trim
-    padded[:values.numel()] = values
-    parts = [torch.zeros_like(padded) for _ in range(world)]
-    torch.distributed.all_gather(parts, padded)
-    return torch.cat([p[:s] for p, s in zip(parts, sizes)]), sum(sizes[:rank])
-
-
-def world_size():
-    return torch.distributed.get_world_size() if distributed() else 1
-
-
-def all_reduce_sum(x):
-    """Sum a number over ranks (identity in one process)."""
-    if not distributed():
-        return x
-    t = torch.tensor(float(x), dtype=torch.float64,
-                     device="cuda" if torch.cuda.is_available() else "cpu")
-    torch.distributed.all_reduce(t)
-    return t.item()
-
-
 def batch_statistics(student_hidden, student_head, teacher_hidden, teacher_head, mask, chunk_size):
     """Per-position statistics of a micro-batch, padded back to (B, L), plus ĥ, δ̂ and quadrants.
 
@@ -452,59 +292,6 @@ def peak_memory_bytes(device):
 
 
 # ---------------------------------------------------------------------------------------------
-# Scale out: torchrun + FSDP2 (one process: all of this is skipped)
-# ---------------------------------------------------------------------------------------------
-
-def setup_distributed(device_name):
-    """Join the process group that torchrun describes (nccl on CUDA, gloo on CPU).
-    Returns (rank, world size); (0, 1) without torchrun."""
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    if world == 1:
-        return 0, 1
-    cuda = torch.cuda.is_available() and device_name != "cpu"
-    if cuda:
-        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-    torch.distributed.init_process_group("nccl" if cuda else "gloo")
-    return torch.distributed.get_rank(), world
-
-
-def shard(model):
-    """FSDP2: shard each decoder layer across ranks. Embeddings, the final norm and the lm_head
-    stay whole on every rank, because the statistics and the chunked loss use the lm_head weight
-    outside the model's forward, where FSDP would not gather it."""
-    from torch.distributed.fsdp import fully_shard
-    for layer in model.base_model.layers:
-        # Each layer is its own FSDP root here, and a root keeps its gathered weights after the
-        # forward unless told otherwise: that would hold every layer whole at once.
-        fully_shard(layer, reshard_after_forward=True)
-    return model
-
-
-def clip_grad_norm(model, max_norm):
-    """Average the replicated parameters' gradients over ranks (FSDP has already averaged the
-    sharded ones), then clip the global gradient norm. Returns the norm before clipping."""
-    from torch.distributed.tensor import DTensor
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
-    if not distributed():
-        return float(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm))
-    sharded = torch.zeros((), dtype=torch.float64, device=grads[0].device)
-    replicated = torch.zeros((), dtype=torch.float64, device=grads[0].device)
-    for g in grads:
-        if isinstance(g, DTensor):
-            sharded += g.to_local().double().pow(2).sum()
-        else:
-            torch.distributed.all_reduce(g)  # gloo has no AVG: sum, then divide
-            g.div_(torch.distributed.get_world_size())
-            replicated += g.double().pow(2).sum()
-    torch.distributed.all_reduce(sharded)
-    norm = float((sharded + replicated).sqrt())
-    scale = min(1.0, max_norm / (norm + 1e-6))
-    for g in grads:
-        (g.to_local() if isinstance(g, DTensor) else g).mul_(scale)
-    return norm
-
-
-# ---------------------------------------------------------------------------------------------
 # The run: settings, checkpoints, the loop over steps
 # ---------------------------------------------------------------------------------------------
 
@@ -594,10 +381,6 @@ def parse_args(argv=None):
     p.add_argument("--dtype", default="auto", help="auto, float32 or bfloat16")
     p.add_argument("--trust-remote-code", action="store_true", help="allow model repo code")
     return p.parse_args(argv)
-
-
-def looks_like_path(name):
-    return name.startswith(("/", "./", "../", "~")) or os.path.exists(name)
 
 
 def validate(args):

@@ -15,7 +15,7 @@ PROBLEM_FIELDS present; the gold answer the first of ANSWER_FIELDS, else the las
 row's `solution`.
 
 Grading one completion:
-    1. Prompt    the chat template around the problem plus distill.INSTRUCTION ("... put your final
+    1. Prompt    the chat template around the problem plus loading.INSTRUCTION ("... put your final
                  answer within \\boxed{}"), rendered exactly as distill.py renders training prompts.
     2. Extract   the last complete \\boxed{...} (nested braces balanced; also \\fbox{...} and MATH's
                  `\\boxed 5`). Text before a `</think>` is a draft and is not graded. No box: wrong,
@@ -51,7 +51,8 @@ import time
 import torch
 
 import distill
-from distill import UsageError
+import loading
+from loading import UsageError
 
 HUB = {"math500": ("HuggingFaceH4/MATH-500", "test"),
        "aime24": ("HuggingFaceH4/aime_2024", "train"),
@@ -68,7 +69,7 @@ ANSWER_FIELDS = ("answer", "Answer")
 def load_benchmark(name, data=None, limit=None):
     """The problems of benchmark `name` (or of the local file `data`), the first `limit` only."""
     if data is not None:
-        records = distill.load_records(data)
+        records = loading.load_records(data)
     elif name == "toy":
         try:
             import toy  # lazily: evaluate.py works on the real benchmarks without the toy world
@@ -77,9 +78,9 @@ def load_benchmark(name, data=None, limit=None):
         path = toy.split_path("heldout")
         if not os.path.isfile(path):
             raise UsageError(f"the toy held-out split {path} does not exist: run `python toy.py`")
-        records = distill.load_records(path)
+        records = loading.load_records(path)
     elif name in HUB:
-        records = distill.load_records(*HUB[name])
+        records = loading.load_records(*HUB[name])
     else:
         raise UsageError(f"unknown benchmark {name!r}; valid: {', '.join(BENCHMARKS)}, "
                          "or any name given a file with --data NAME=PATH")
@@ -219,7 +220,7 @@ def evaluate_benchmark(model, tokenizer, name, samples=1, temperature=0.0, max_n
     """
     if problems is None:
         problems = load_benchmark(name, data, limit)
-    prompts = [tokenizer(distill.render_prompt(tokenizer, p["problem"], "problem", enable_thinking),
+    prompts = [tokenizer(loading.render_prompt(tokenizer, p["problem"], "problem", enable_thinking),
                          add_special_tokens=False)["input_ids"] for p in problems]
     if seed is not None:
         torch.manual_seed(seed)  # the sampled completions are a function of the seed alone
@@ -303,14 +304,14 @@ def markdown_table(summaries):
 
 def run(args):
     names = validate(args)
-    device, device_reason = distill.resolve_device(args.device)
-    dtype, dtype_reason = distill.resolve_dtype(args.dtype, device)
+    device, device_reason = loading.resolve_device(args.device)
+    dtype, dtype_reason = loading.resolve_dtype(args.dtype, device)
     print("settings: " + " ".join(f"{k}={v}" for k, v in sorted(vars(args).items())))
     print(f"device: {device} ({device_reason}); dtype: {dtype} ({dtype_reason})")
     # Every benchmark is loaded before the model: a bad file fails in seconds, not after a download.
     problems = {name: load_benchmark(name, args.data.get(name), args.limit) for name in names}
-    tokenizer = distill.load_tokenizer(args.model, args.trust_remote_code)
-    model = distill.load_model(args.model, device, dtype, args.trust_remote_code).eval()
+    tokenizer = loading.load_tokenizer(args.model, args.trust_remote_code)
+    model = loading.load_model(args.model, device, dtype, args.trust_remote_code).eval()
     summaries, rows = [], []
     for name in names:
         print(f"{name}: {len(problems[name])} problems x {args.samples} samples", flush=True)

@@ -388,21 +388,21 @@ def collect(teacher, student, tokenizer, prompts, samples_per_prompt, max_new_to
 def analyze(args):
     """The analysis CLI: tables on stdout; quadrants.png, coverage.png, tokens.html on disk."""
     import os
-    import distill
+    import loading
     import selection
     if args.teacher is None:
         import toy
         args.teacher, args.student = toy.build()
         args.dataset = args.dataset or toy.split_path("heldout")
-    device, _ = distill.resolve_device(args.device)
-    dtype, _ = distill.resolve_dtype(args.dtype, device)
-    records = distill.load_records(args.dataset, args.split)
-    field = distill.find_prompt_field(records, args.prompt_field)
-    tokenizer = distill.load_tokenizer(args.student)
-    distill.check_same_tokenizer(distill.load_tokenizer(args.teacher), tokenizer)
-    prompts, _ = distill.encode_prompts(tokenizer, records[:args.prompts], field, args.max_prompt_length)
-    teacher = distill.load_model(args.teacher, device, dtype).eval()
-    student = distill.load_model(args.student, device, dtype).eval()
+    device, _ = loading.resolve_device(args.device)
+    dtype, _ = loading.resolve_dtype(args.dtype, device)
+    records = loading.load_records(args.dataset, args.split)
+    field = loading.find_prompt_field(records, args.prompt_field)
+    tokenizer = loading.load_tokenizer(args.student)
+    loading.check_same_tokenizer(loading.load_tokenizer(args.teacher), tokenizer)
+    prompts, _ = loading.encode_prompts(tokenizer, records[:args.prompts], field, args.max_prompt_length)
+    teacher = loading.load_model(args.teacher, device, dtype).eval()
+    student = loading.load_model(args.student, device, dtype).eval()
     torch.manual_seed(args.seed)
     rollouts, stats, mask = collect(teacher, student, tokenizer, prompts, args.samples_per_prompt,
                                     args.max_new_tokens, args.chunk_size)
@@ -425,7 +425,7 @@ def main(argv=None):
     import argparse
     import os
     import sys
-    import distill
+    import loading
     argv = sys.argv[1:] if argv is None else argv
     try:
         if argv[:1] == ["plot"]:
@@ -435,7 +435,7 @@ def main(argv=None):
             args = p.parse_args(argv[1:])
             for run in args.runs:
                 if not os.path.isfile(os.path.join(run, "metrics.jsonl")):
-                    raise distill.UsageError(f"{run!r} holds no metrics.jsonl")
+                    raise loading.UsageError(f"{run!r} holds no metrics.jsonl")
             plot_runs(args.runs, args.output)
             print(f"wrote {args.output}")
             return
@@ -460,11 +460,11 @@ def main(argv=None):
         p.add_argument("--dtype", default="auto", help="auto, float32 or bfloat16")
         args = p.parse_args(argv)
         if (args.teacher is None) != (args.student is None):
-            raise distill.UsageError("give both --teacher and --student, or neither (the toy pair)")
+            raise loading.UsageError("give both --teacher and --student, or neither (the toy pair)")
         if args.prompts < 1 or args.samples_per_prompt < 1:
-            raise distill.UsageError("--prompts and --samples-per-prompt must be at least 1")
+            raise loading.UsageError("--prompts and --samples-per-prompt must be at least 1")
         analyze(args)
-    except distill.UsageError as e:
+    except loading.UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
 

@@ -1,5 +1,4 @@
 """The quadrant analysis of tip.py: tables against direct computation, and its files."""
-import json
 import os
 import re
 import subprocess

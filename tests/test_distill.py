@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import distill
+import loading
 import tip
 from helpers import make_model, make_tokenizer, write_jsonl
 
@@ -33,15 +34,15 @@ def pair(tmp_path_factory):
 
 def load_pair(pair):
     cpu = torch.device("cpu")
-    tok = distill.load_tokenizer(pair["student"])
-    teacher = distill.load_model(pair["teacher"], cpu, torch.float32).eval().requires_grad_(False)
-    student = distill.load_model(pair["student"], cpu, torch.float32)
+    tok = loading.load_tokenizer(pair["student"])
+    teacher = loading.load_model(pair["teacher"], cpu, torch.float32).eval().requires_grad_(False)
+    student = loading.load_model(pair["student"], cpu, torch.float32)
     return tok, teacher, student
 
 
 def rollouts_for(tok, student, n_prompts=3, samples=2, max_new_tokens=12, seed=0):
-    records = distill.load_records(os.path.join(os.path.dirname(tok.name_or_path), "prompts.jsonl"))
-    prompts, _ = distill.encode_prompts(tok, records[:n_prompts], "problem", 1024)
+    records = loading.load_records(os.path.join(os.path.dirname(tok.name_or_path), "prompts.jsonl"))
+    prompts, _ = loading.encode_prompts(tok, records[:n_prompts], "problem", 1024)
     torch.manual_seed(seed)
     return distill.sample(student, tok, prompts, samples, max_new_tokens)
 
@@ -136,7 +137,7 @@ def test_gradients_reach_the_student_only(pair):
 
 def test_student_equal_to_teacher_gives_zero_loss(pair):
     tok, _, student = load_pair(pair)
-    twin = distill.load_model(pair["student"], torch.device("cpu"), torch.float32).eval().requires_grad_(False)
+    twin = loading.load_model(pair["student"], torch.device("cpu"), torch.float32).eval().requires_grad_(False)
     rollouts = rollouts_for(tok, student)
     ids, attn, mask = distill.collate(rollouts.prompts, rollouts.responses, distill.pad_id(tok))
     with torch.no_grad():
@@ -159,8 +160,8 @@ def test_collate_masks_only_response_tokens_up_to_eos():
 
 def test_sample_cuts_after_first_eos_and_positions_match_generate(pair):
     tok, _, student = load_pair(pair)
-    records = distill.load_records(pair["data"])
-    prompts, _ = distill.encode_prompts(tok, records[:4], "problem", 1024)
+    records = loading.load_records(pair["data"])
+    prompts, _ = loading.encode_prompts(tok, records[:4], "problem", 1024)
     rollouts = distill.sample(student, tok, prompts, 1, 10, temperature=0.0, batch_size=4)
     eos = distill.stop_ids(student, tok)
     for r in rollouts.responses:
@@ -216,15 +217,15 @@ def test_cli_smoke_writes_metrics_and_a_loadable_checkpoint(pair, tmp_path, rule
         assert 0 < records[0]["kept_fraction"] < 1
     from transformers import AutoModelForCausalLM
     model = AutoModelForCausalLM.from_pretrained(out / "checkpoint-000002")
-    assert model.config.vocab_size == distill.load_model(pair["student"], torch.device("cpu"),
+    assert model.config.vocab_size == loading.load_model(pair["student"], torch.device("cpu"),
                                                          torch.float32).config.vocab_size
     assert "step    2/2 | loss" in r.stdout
 
 
 def test_twenty_steps_lower_the_reverse_kl_on_fresh_rollouts(pair):
     tok, teacher, student = load_pair(pair)
-    records = distill.load_records(pair["data"])
-    prompts, _ = distill.encode_prompts(tok, records, "problem", 1024)
+    records = loading.load_records(pair["data"])
+    prompts, _ = loading.encode_prompts(tok, records, "problem", 1024)
     held_in, fresh = prompts[:8], prompts[8:]
 
     def fresh_kl():

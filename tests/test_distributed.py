@@ -12,6 +12,8 @@ import torch
 import torch.multiprocessing as mp
 
 import distill
+import loading
+import parallel
 import selection
 from helpers import make_tiny_pair, write_jsonl
 
@@ -24,12 +26,12 @@ def worker(rank, world, port, pair, out):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
-    distill.setup_distributed("cpu")
+    parallel.setup_distributed("cpu")
     cpu = torch.device("cpu")
-    teacher = distill.load_model(pair[0], cpu, torch.float32).eval().requires_grad_(False)
-    student = distill.load_model(pair[1], cpu, torch.float32)
+    teacher = loading.load_model(pair[0], cpu, torch.float32).eval().requires_grad_(False)
+    student = loading.load_model(pair[1], cpu, torch.float32)
     if world > 1:
-        distill.shard(teacher), distill.shard(student)
+        parallel.shard(teacher), parallel.shard(student)
     share = slice(rank * 4 // world, (rank + 1) * 4 // world)  # contiguous: rank 0 first
     rollouts = distill.Rollouts(PROMPTS[share], RESPONSES[share])
     cfg = distill.argparse.Namespace(rule="soft-or", keep=0.5, loss="reverse_kl", beta=0.5,
@@ -47,7 +49,7 @@ def worker(rank, world, port, pair, out):
     # and would magnify float noise in near-zero gradient entries)
     optimizer = torch.optim.SGD(student.parameters(), lr=0.5)
     metrics = distill.opd_step(student, teacher, rollouts, cfg, torch.Generator(), {})
-    norm = distill.clip_grad_norm(student, 1.0)
+    norm = parallel.clip_grad_norm(student, 1.0)
     optimizer.step()
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
     weights = get_model_state_dict(student, options=StateDictOptions(full_state_dict=True, cpu_offload=True))

@@ -10,8 +10,9 @@ import threading
 import pytest
 
 import distill
+import loading
 import evaluate
-from helpers import make_tiny_pair, make_tokenizer, write_jsonl
+from helpers import make_tiny_pair, write_jsonl
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -117,8 +118,8 @@ def test_score_on_completions_with_known_verdicts():
 def test_evaluate_benchmark_grades_what_sample_returns(tmp_path, monkeypatch):
     """The whole function with sampling replaced by fixed token ids: prompts, decoding, order."""
     _, student = make_tiny_pair(tmp_path)
-    tokenizer = distill.load_tokenizer(student)
-    model = distill.load_model(student, distill.resolve_device("cpu")[0], None)
+    tokenizer = loading.load_tokenizer(student)
+    model = loading.load_model(student, loading.resolve_device("cpu")[0], None)
     seen = {}
 
     def fake_sample(model, tokenizer, prompts, samples_per_prompt, *args, **kwargs):
@@ -132,7 +133,7 @@ def test_evaluate_benchmark_grades_what_sample_returns(tmp_path, monkeypatch):
     data = write_jsonl(tmp_path / "mini.jsonl", PROBLEMS)
     summary, rows = evaluate.evaluate_benchmark(model, tokenizer, "mini", samples=2,
                                                 temperature=1.0, data=data, return_rows=True)
-    assert len(seen["prompts"]) == 2 and distill.INSTRUCTION in seen["prompts"][0]
+    assert len(seen["prompts"]) == 2 and loading.INSTRUCTION in seen["prompts"][0]
     assert "p0" in seen["prompts"][0] and "<|im_start|>assistant" in seen["prompts"][0]
     assert [r["completion"] for r in rows] == COMPLETIONS  # EOS stripped by the decode
     assert summary["mean"] == 0.25 and summary["pass_at_k"] == 0.5 and summary["no_box"] == 0.25

@@ -1,0 +1,388 @@
+"""What each memory technique buys: peak memory and time of one training step per configuration.
+
+    python bench.py                          # tiny Qwen3-shaped pair, real vocabulary, CPU
+    python bench.py --quick                  # seconds; what tests/test_bench.py runs
+    python bench.py --preset qwen3-4b-0.6b   # Qwen3-4B / Qwen3-0.6B shapes, random weights, GPU
+    python bench.py --json bench.json --plot bench.png
+
+A step is distill.py's steps 2-7 (teacher pass, statistics, selection, loss, backward, AdamW step)
+on B synthetic rollouts of fixed random token ids, the same in every configuration. Three ways to
+get the loss, each at keep 1.0 (rule `all`) and 0.5 / 0.2 / 0.1 (rule `--rule`):
+    naive     for comparison only, and only here: the way most public code does it. The models' own
+              forward returns full (B, L, V) logits; statistics and the per-token loss are computed
+              over all of them, and the selection only masks the loss at the end.
+    gathered  distill.py's pieces: hidden states, statistics chunk by chunk, `lm_head` only at the
+              N kept positions, but in one chunk whose (N, V) logits stay alive until backward.
+    chunked   distill.py's real path, `distill.opd_step`: `--chunk-size` kept rows at a time, each
+              chunk's logits recomputed in backward. Also run with activation checkpointing.
+
+Each configuration runs in a fresh process (a child of a forkserver that imported torch once and
+never ran a torch op), so no allocation of one configuration counts in the next one's peak.
+Memory is the peak over the measured steps (the warm-up step also allocates AdamW's state):
+    GPU   torch.cuda.max_memory_allocated: weights, optimizer state, activations, logits.
+    CPU   peak RSS (VmHWM, reset before each step via /proc/self/clear_refs). It includes Python,
+          the torch libraries and the weights, so the table also gives the "step peak": the peak
+          minus the RSS just before the step, i.e. what the step itself adds.
+Step time is the median of the measured steps. Ratios are to the naive all-token step. The run
+ends by saying whether three targets are met: memory of chunked keep 0.5 ≤ 0.50× naive (the paper
+reports 0.53× for Qwen3) and of chunked keep 1.0 ≤ 0.35×, time of chunked keep 0.5 ≤ 0.8× keep 1.0.
+
+Choices: the naive path projects the prompt positions too, as a model's own forward does; rollouts
+all have the same length, so no padding; one micro-batch holds all B rollouts. CPU memory is read
+from Linux's /proc. On a CPU shared with other work, time ratios are noisy and `--threads 1` often
+runs faster than more threads that wait on each other.
+
+Notation: B rollouts, L = prompt + response positions, V vocabulary, D hidden size, N kept rows.
+"""
+import argparse
+import json
+import math
+import multiprocessing
+import statistics
+import time
+from concurrent.futures import ProcessPoolExecutor
+from contextlib import nullcontext
+
+import torch
+
+import distill
+import loading
+import selection
+import tip
+
+# head_dim is explicit: Qwen3 decouples it from hidden / heads (Qwen3-4B: 2560 / 32 = 80, yet 128).
+PRESETS = {
+    "tiny": dict(  # the CPU default: backbones so small that the (·, V) logits dominate memory
+        teacher=dict(hidden=128, layers=2, heads=4, kv_heads=2, head_dim=32),
+        student=dict(hidden=64, layers=2, heads=4, kv_heads=2, head_dim=16),
+        vocab=151_936, batch=8, prompt_length=32, response_length=256, chunk_size=512),
+    "quick": dict(  # seconds, for the test; one thread, as tiny ops on a busy CPU wait on barriers
+        teacher=dict(hidden=48, layers=2, heads=4, kv_heads=2, head_dim=8),
+        student=dict(hidden=32, layers=1, heads=4, kv_heads=2, head_dim=8),
+        vocab=512, batch=2, prompt_length=4, response_length=16, chunk_size=8, steps=2, threads=1),
+    "qwen3-4b-0.6b": dict(  # each model's config.json; random weights, no download; for a GPU
+        teacher=dict(hidden=2560, layers=36, heads=32, kv_heads=8, head_dim=128, intermediate=9728),
+        student=dict(hidden=1024, layers=28, heads=16, kv_heads=8, head_dim=128, intermediate=3072),
+        vocab=151_936, batch=8, prompt_length=128, response_length=1024, chunk_size=512),
+}
+PATHS = ("naive", "gathered", "chunked")
+
+
+# ---------------------------------------------------------------------------------------------
+# Models and rollouts, rebuilt identically in every process from the seed
+# ---------------------------------------------------------------------------------------------
+
+def build_model(shape, vocab, seed, device, dtype):
+    """A randomly initialised Qwen3ForCausalLM with tied embeddings, as small Qwen3 models have."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+    config = Qwen3Config(vocab_size=vocab, hidden_size=shape["hidden"],
+                         intermediate_size=shape.get("intermediate", 3 * shape["hidden"]),
+                         num_hidden_layers=shape["layers"], num_attention_heads=shape["heads"],
+                         num_key_value_heads=shape["kv_heads"], head_dim=shape["head_dim"],
+                         tie_word_embeddings=True, max_position_embeddings=32_768,
+                         pad_token_id=0, bos_token_id=None, eos_token_id=None)
+    torch.manual_seed(seed)
+    with torch.device(device):  # initialise on the device: a 4B model is slow to init on a CPU
+        return Qwen3ForCausalLM(config).to(dtype)
+
+
+def make_rollouts(batch, prompt_length, response_length, vocab, seed):
+    """B rollouts of random ids ≥ 1 (0 is the pad id), all of one length: no generation needed."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, vocab, (batch, prompt_length + response_length), generator=g)  # (B, L)
+    return distill.Rollouts(prompts=ids[:, :prompt_length].tolist(),
+                            responses=ids[:, prompt_length:].tolist())
+
+
+# ---------------------------------------------------------------------------------------------
+# Three ways to do steps 2-6. Each returns (loss per kept token, kept tokens), gradients filled.
+# ---------------------------------------------------------------------------------------------
+
+def _batch(student, rollouts, cfg):
+    device = next(student.parameters()).device
+    autocast = (torch.autocast("cuda", dtype=cfg.dtype) if device.type == "cuda"
+                and cfg.dtype != torch.float32 else nullcontext())  # as in distill.opd_step
+    return autocast, [t.to(device) for t in distill.collate(rollouts.prompts, rollouts.responses,
+                                                             cfg.pad_id)]
+
+
+def naive_forward_backward(student, teacher, rollouts, cfg, generator):
+    """NAIVE, for comparison only: full (B, L, V) logits, statistics and loss at every position,
+    then the mask. Memory grows with B·L·V whatever the keep ratio: masking comes too late."""
+    autocast, (ids, attn, mask) = _batch(student, rollouts, cfg)
+    pos = distill.position_ids(attn)  # (B, L)
+    with torch.no_grad(), autocast:
+        zt = teacher(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=False).logits
+    with autocast:
+        zs = student(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=False).logits
+    vocab = min(zs.shape[-1], zt.shape[-1])
+    zs, zt = zs[..., :vocab], zt[..., :vocab]  # (B, L, V) each; the student's carries gradients
+    with torch.no_grad():  # statistics straight from the full logits
+        stats = {"entropy": tip.entropy(zs), "reverse_kl": tip.reverse_kl(zs, zt),
+                 "forward_kl": tip.forward_kl(zs, zt)}  # (B, L) each
+    stats = {k: torch.where(mask, v, 0.0) for k, v in stats.items()}  # (B, L) each
+    stats["entropy_norm"] = stats["entropy"] / math.log(vocab)  # Eq. 2
+    stats["h_hat"] = tip.normalize_entropy(stats["entropy"], mask)  # (B, L)
+    stats["d_hat"] = tip.normalize_divergence(stats["reverse_kl"], mask)  # (B, L)
+    kept, _ = selection.select(cfg.rule, stats, mask, cfg.keep, generator)  # (B, L) bool
+    per_token = tip.divergence(cfg.loss, zs, zt, cfg.beta)  # (B, L) fp32, Eq. 1 everywhere
+    n_kept = max(int(kept.sum()), 1)
+    loss = (per_token * kept).sum() / n_kept  # only here do the unselected positions drop out
+    loss.backward()
+    return loss.item(), n_kept
+
+
+def gathered_forward_backward(student, teacher, rollouts, cfg, generator):
+    """distill.opd_step for one micro-batch, except that the kept rows go through `lm_head` in a
+    single chunk with no recomputation: their (N, V) logits live until backward."""
+    autocast, (ids, attn, mask) = _batch(student, rollouts, cfg)
+    ws, wt = distill.lm_head(student), distill.lm_head(teacher)  # (V, D_s), (V, D_t)
+    with torch.no_grad(), autocast:
+        h_t = distill.hidden_states(teacher, ids, attn)  # (B, L, D_t)
+    with autocast:
+        h_s = distill.hidden_states(student, ids, attn)  # (B, L, D_s)
+        stats = distill.batch_statistics(h_s.detach(), ws, h_t, wt, mask, cfg.chunk_size)
+    kept, _ = selection.select(cfg.rule, stats, mask, cfg.keep, generator)  # (B, L) bool
+    n_kept = max(int(kept.sum()), 1)
+    with autocast:
+        loss_sum = distill.selected_loss(h_s[kept], ws, h_t[kept], wt, cfg.loss, cfg.beta,
+                                         chunk_size=n_kept, recompute=False)
+    (loss_sum / n_kept).backward()
+    return loss_sum.item() / n_kept, n_kept
+
+
+def chunked_forward_backward(student, teacher, rollouts, cfg, generator):
+    """distill.py's real path, unchanged."""
+    metrics = distill.opd_step(student, teacher, rollouts, cfg, generator, {})  # {}: phase times
+    return metrics["loss"], metrics["kept_tokens"]
+
+
+FORWARD_BACKWARD = {"naive": naive_forward_backward, "gathered": gathered_forward_backward,
+                    "chunked": chunked_forward_backward}
+
+
+# ---------------------------------------------------------------------------------------------
+# Peak memory, in a window opened before each step
+# ---------------------------------------------------------------------------------------------
+
+def _proc_status_bytes(field):
+    """VmRSS (resident now) or VmHWM (peak resident) of this process, from Linux's /proc."""
+    with open("/proc/self/status") as f:
+        return int(next(line for line in f if line.startswith(field + ":")).split()[1]) * 1024
+
+
+def start_memory_window(device):
+    """Reset the peak counter and return the memory in use now (the step's baseline), bytes."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        return torch.cuda.memory_allocated(device)
+    with open("/proc/self/clear_refs", "w") as f:  # Linux only (ru_maxrss cannot be reset)
+        f.write("5")  # 5: reset this process's peak RSS (VmHWM) to its current RSS
+    return _proc_status_bytes("VmRSS")
+
+
+def peak_memory(device):
+    """The peak since start_memory_window, bytes."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    return _proc_status_bytes("VmHWM")
+
+
+# ---------------------------------------------------------------------------------------------
+# One configuration, in its own process
+# ---------------------------------------------------------------------------------------------
+
+def setup(spec):
+    """Teacher, student, optimizer, rollouts and the cfg that opd_step reads, from a spec."""
+    if spec["threads"]:
+        torch.set_num_threads(spec["threads"])
+    device, _ = loading.resolve_device(spec["device"])
+    dtype, _ = loading.resolve_dtype(spec["dtype"], device)  # teacher and autocast dtype
+    teacher = build_model(spec["teacher"], spec["vocab"], spec["seed"], device, dtype)
+    teacher.eval().requires_grad_(False)
+    student = build_model(spec["student"], spec["vocab"], spec["seed"] + 1, device, torch.float32)
+    if spec["checkpointing"]:
+        student.activation_checkpointing_enable()  # the 5.x name of gradient checkpointing
+    student.train()
+    optimizer = torch.optim.AdamW(student.parameters(), lr=1e-6, weight_decay=0.1)
+    rollouts = make_rollouts(spec["batch"], spec["prompt_length"], spec["response_length"],
+                             spec["vocab"], spec["seed"])
+    cfg = argparse.Namespace(dtype=dtype, rule="all" if spec["keep"] == 1.0 else spec["rule"],
+                             keep=spec["keep"], loss="reverse_kl", beta=0.5, pad_id=0,
+                             chunk_size=spec["chunk_size"], micro_batch_size=spec["batch"],
+                             importance_weights=False)
+    return device, teacher, student, optimizer, rollouts, cfg
+
+
+def measure(spec):
+    """Warm-up steps, then measured steps: one row of the table."""
+    device, teacher, student, optimizer, rollouts, cfg = setup(spec)
+    peaks, step_peaks, seconds = [], [], []
+    for i in range(spec["warmup"] + spec["steps"]):
+        generator = torch.Generator().manual_seed(spec["seed"] + i)  # same selection on each path
+        baseline = start_memory_window(device)
+        t0 = time.perf_counter()
+        loss, n_kept = FORWARD_BACKWARD[spec["path"]](student, teacher, rollouts, cfg, generator)
+        first_loss = loss if i == 0 else first_loss  # before any update: comparable across paths
+        torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)  # step 7, as distill.train
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        if i >= spec["warmup"]:
+            seconds.append(time.perf_counter() - t0)
+            peaks.append(peak_memory(device))
+            step_peaks.append(peaks[-1] - baseline)
+    return {"path": spec["path"], "keep": spec["keep"], "rule": cfg.rule,
+            "gradient_checkpointing": spec["checkpointing"], "kept_tokens": n_kept,
+            "loss": first_loss, "peak_memory_bytes": max(peaks), "step_peak_bytes": max(step_peaks),
+            "step_seconds": statistics.median(seconds), "device": device.type}
+
+
+# ---------------------------------------------------------------------------------------------
+# Report: ratios, table, targets, JSON, plot
+# ---------------------------------------------------------------------------------------------
+
+def find(rows, path, keep, checkpointing=False):
+    return next(r for r in rows if (r["path"], r["keep"], r["gradient_checkpointing"])
+                == (path, keep, checkpointing))
+
+
+def add_ratios(rows):
+    """Each figure over the naive all-token step's (without checkpointing)."""
+    ref = find(rows, "naive", 1.0)
+    for r in rows:
+        for key, ratio in (("peak_memory_bytes", "peak_memory_ratio"), ("step_seconds",
+                           "step_time_ratio"), ("step_peak_bytes", "step_peak_ratio")):
+            r[ratio] = r[key] / ref[key] if ref[key] else float("nan")
+    return rows
+
+
+def markdown_table(rows):
+    scale, unit = (2 ** 30, "GiB") if find(rows, "naive", 1.0)["peak_memory_bytes"] >= 2 ** 30 \
+        else (2 ** 20, "MiB")
+    lines = [f"| path | keep | rule | ckpt | kept | loss | peak {unit} | × naive | step peak {unit} "
+             "| × naive | step s | × naive |", "|" + "---|" * 12]
+    for r in rows:
+        lines.append(f"| {r['path']} | {r['keep']:g} | {r['rule']} | "
+                     f"{'on' if r['gradient_checkpointing'] else 'off'} | {r['kept_tokens']} | "
+                     f"{r['loss']:.5f} | {r['peak_memory_bytes'] / scale:.2f} | "
+                     f"{r['peak_memory_ratio']:.2f} | {r['step_peak_bytes'] / scale:.2f} | "
+                     f"{r['step_peak_ratio']:.2f} | {r['step_seconds']:.3g} | "
+                     f"{r['step_time_ratio']:.2f} |")
+    return "\n".join(lines)
+
+
+def targets(rows):
+    """(what, ratio, bound): memory is judged on the whole peak, the harder of the two measures."""
+    half, full = find(rows, "chunked", 0.5), find(rows, "chunked", 1.0)
+    return [("peak memory, chunked keep 0.5 / naive all-token", half["peak_memory_ratio"], 0.50),
+            ("peak memory, chunked all-token / naive all-token", full["peak_memory_ratio"], 0.35),
+            ("step time, chunked keep 0.5 / chunked keep 1.0",
+             half["step_seconds"] / full["step_seconds"], 0.80)]
+
+
+def plot(rows, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for name, ckpt in [(p, False) for p in PATHS] + [("chunked", True)]:
+        series = sorted((r for r in rows if r["path"] == name
+                         and r["gradient_checkpointing"] == ckpt), key=lambda r: r["keep"])
+        for ax, key, scale in ((axes[0], "peak_memory_bytes", 2**30), (axes[1], "step_seconds", 1)):
+            ax.plot([r["keep"] for r in series], [r[key] / scale for r in series], "o-",
+                    label=name + (" + ckpt" if ckpt else ""))
+    for ax, ylabel in zip(axes, ("peak memory (GiB)", "step time (s)")):
+        ax.set(xlabel="keep ratio", ylabel=ylabel, ylim=(0, None))
+        ax.grid(alpha=0.3)
+    axes[0].legend()
+    fig.suptitle("one OPD step: naive full logits, gathered, gathered + chunked recompute")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+# ---------------------------------------------------------------------------------------------
+# Settings and the run
+# ---------------------------------------------------------------------------------------------
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="Peak memory and step time of one OPD step per memory "
+                                "technique.", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--preset", choices=sorted(PRESETS), default="tiny", help="shapes and sizes")
+    p.add_argument("--quick", action="store_true", help="the 'quick' preset: a few seconds")
+    p.add_argument("--vocab", type=int, help="vocabulary size V (default: preset's)")
+    p.add_argument("--batch", type=int, help="rollouts B (default: preset's)")
+    p.add_argument("--prompt-length", type=int, help="prompt tokens per rollout (default: preset's)")
+    p.add_argument("--response-length", type=int, help="response tokens (default: preset's)")
+    p.add_argument("--chunk-size", type=int, help="rows per lm_head chunk (default: preset's)")
+    p.add_argument("--keeps", default="1.0,0.5,0.2,0.1", help="keep ratios; 1.0 is the baseline")
+    p.add_argument("--rule", default="entropy", help="selection rule below keep 1.0")
+    p.add_argument("--steps", type=int, help="measured steps per configuration (default 3)")
+    p.add_argument("--warmup", type=int, default=1, help="unmeasured steps before those")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's; quick: 1)")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--dtype", default="auto", help="teacher and autocast dtype: auto (bf16 on a "
+                   "GPU), float32 or bfloat16; the student's weights stay fp32")
+    p.add_argument("--seed", type=int, default=0, help="seed for weights, rollouts, selection")
+    p.add_argument("--json", help="write the rows as a JSON list to this path")
+    p.add_argument("--plot", help="write a PNG of memory and time against keep to this path")
+    return p.parse_args(argv)
+
+
+def resolve_specs(args):
+    """One spec dict per configuration: the preset, overridden by the flags that were given."""
+    preset = PRESETS["quick" if args.quick else args.preset]
+    keeps = [float(k) for k in args.keeps.split(",")]
+    if 1.0 not in keeps or not all(0.0 < k <= 1.0 for k in keeps):
+        raise SystemExit("error: --keeps must lie in (0, 1] and include 1.0, the baseline")
+    if args.rule not in selection.RULES:
+        raise SystemExit(f"error: unknown --rule {args.rule!r}; valid: {', '.join(selection.RULES)}")
+    base = {"rule": args.rule, "device": args.device, "dtype": args.dtype, "seed": args.seed,
+            "warmup": args.warmup, "teacher": preset["teacher"], "student": preset["student"]}
+    fallback = {"steps": 3, "threads": 0}  # 0: torch's own thread count
+    for key in ("vocab", "batch", "prompt_length", "response_length", "chunk_size", "steps",
+                "threads"):
+        given = getattr(args, key)
+        base[key] = given if given is not None else preset.get(key, fallback.get(key))
+    configurations = [(p, k, False) for p in PATHS for k in keeps] + [("chunked", k, True)
+                                                                         for k in keeps]
+    return [{**base, "path": p, "keep": k, "checkpointing": c} for p, k, c in configurations]
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    specs = resolve_specs(args)
+    print("settings: " + json.dumps({k: v for k, v in specs[0].items()
+                                     if k not in ("path", "keep", "checkpointing")}), flush=True)
+    # A fresh process per configuration (max_tasks_per_child=1), forked from a server that
+    # imported torch once and never ran a torch op, so no CUDA or thread-pool state is inherited.
+    # A worker killed for memory raises BrokenProcessPool here.
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["torch", "transformers.models.qwen3.modeling_qwen3", "distill"])
+    t0, rows = time.perf_counter(), []
+    pool = ProcessPoolExecutor(max_workers=1, mp_context=context, max_tasks_per_child=1)
+    for spec in specs:
+        r = pool.submit(measure, spec).result()
+        rows.append(r)
+        ckpt = "on " if r["gradient_checkpointing"] else "off"
+        print(f"  {r['path']:8s} keep {r['keep']:<4g} ckpt {ckpt} | peak {r['peak_memory_bytes'] / 2**20:6.0f} MiB | step peak "
+              f"{r['step_peak_bytes'] / 2**20:6.0f} MiB | {r['step_seconds']:.3g} s", flush=True)
+    pool.shutdown()
+    add_ratios(rows)
+    print(f"\n{markdown_table(rows)}\n")
+    print("targets (set for the default CPU configuration: elsewhere, information only):")
+    for name, ratio, bound in targets(rows):
+        print(f"target {name}: {ratio:.2f} (≤ {bound:.2f}) {'met' if ratio <= bound else 'MISSED'}")
+    print(f"wall time {time.perf_counter() - t0:.0f} s")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+    if args.plot:
+        plot(rows, args.plot)
+    return rows
+
+
+if __name__ == "__main__":
+    main()

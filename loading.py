@@ -1,0 +1,152 @@
+"""Loading what a run needs: device, dtype, tokenizers, models and prompts.
+
+The plumbing that distill.py, evaluate.py, tip.py and toy.py share. Everything that can go wrong
+here (a missing model, an unreachable hub, mismatched tokenizers, an empty or unusable dataset)
+raises UsageError with one line that names the problem; the scripts print it and exit with 2.
+
+Prompts: a message list is used as is; a plain string from a `prompt` column as is; a bare
+`problem`/`question` string gets INSTRUCTION appended (reason step by step, box the answer), the
+same text evaluate.py uses, so training and evaluation prompts match. Duplicate prompts are dropped
+and prompts longer than `max_prompt_length` tokens are skipped and counted, never truncated.
+"""
+import json
+import os
+
+import torch
+
+INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
+PROMPT_FIELDS = ("prompt", "problem", "question", "messages", "query", "instruction", "input")
+
+
+class UsageError(Exception):
+    """Bad input: main() prints the message on one line and exits with status 2."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Set-up: device, dtype, models, tokenizers, prompts
+# ---------------------------------------------------------------------------------------------
+
+def resolve_device(name):
+    """'auto' -> cuda when available, else cpu. Returns (device, reason)."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda"), "auto: CUDA is available"
+        return torch.device("cpu"), "auto: no CUDA device"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda was asked for but no CUDA device is available")
+    return torch.device(name), "as requested"
+
+
+def resolve_dtype(name, device):
+    """Compute dtype for the teacher and the student's autocast. The student's master weights
+    stay fp32 whatever this says: with lr 1e-6, bf16 weights would round most updates away."""
+    if name == "auto":
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16, "auto: bf16 autocast on a GPU that supports it"
+        return torch.float32, f"auto: fp32 on {device.type}"
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name], "as requested"
+
+
+def load_tokenizer(name, trust_remote_code=False):
+    from transformers import AutoTokenizer
+    try:
+        return AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise UsageError(f"cannot load tokenizer {name!r}: not a local directory and not reachable "
+                         f"on the hub (offline use needs a local directory) [{type(e).__name__}]")
+
+
+def load_model(name, device, dtype, trust_remote_code=False):
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging
+    logging.disable_progress_bar()
+    try:
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype,
+                                                     trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise UsageError(f"cannot load model {name!r}: not a local directory and not reachable "
+                         f"on the hub (offline use needs a local directory) [{type(e).__name__}]")
+    return model.to(device)
+
+
+def check_same_tokenizer(teacher_tok, student_tok):
+    """Teacher and student must map text to the same ids; refuse clearly otherwise."""
+    vt, vs = teacher_tok.get_vocab(), student_tok.get_vocab()
+    if vt != vs:
+        diff = sorted(set(vt.items()) ^ set(vs.items()), key=lambda kv: kv[1])[:1]
+        raise UsageError(f"teacher and student tokenizers differ ({len(vt)} vs {len(vs)} tokens; "
+                         f"first difference {diff}): OPD scores the student's token ids with the "
+                         "teacher, so both must share one tokenizer")
+
+
+def load_records(dataset, split="train"):
+    """Rows of an HF dataset id, or of a local .jsonl/.json/.parquet file, as a list of dicts."""
+    import datasets
+    datasets.disable_progress_bars()
+    local = os.path.splitext(dataset)[1] in (".jsonl", ".json", ".parquet")
+    if local and not os.path.isfile(dataset):
+        raise UsageError(f"dataset file {dataset!r} does not exist")
+    try:
+        if local:
+            kind = "parquet" if dataset.endswith(".parquet") else "json"
+            rows = datasets.load_dataset(kind, data_files=dataset, split="train")
+        else:
+            rows = datasets.load_dataset(dataset, split=split)
+    except Exception as e:  # the hub raises many types; the user needs one line either way
+        raise UsageError(f"cannot load dataset {dataset!r} (split {split!r}): "
+                         f"{str(e).splitlines()[0][:200] if str(e) else type(e).__name__}")
+    rows = list(rows)
+    if not rows:
+        raise UsageError(f"dataset {dataset!r} is empty")
+    return rows
+
+
+def find_prompt_field(records, field=None):
+    """The column holding the prompts: `field` if given, else the first of PROMPT_FIELDS present."""
+    names = [field] if field else PROMPT_FIELDS
+    for name in names:
+        if name in records[0]:
+            return name
+    raise UsageError(f"no prompt field {'named ' + repr(field) if field else 'found'} in the dataset "
+                     f"(columns: {', '.join(records[0])}); pass --prompt-field")
+
+
+def format_problem(problem):
+    """A bare problem plus the usual instruction to reason and box the final answer."""
+    return f"{problem}\n{INSTRUCTION}"
+
+
+def render_prompt(tokenizer, prompt, field="prompt", enable_thinking=False):
+    """Chat-template text for one prompt: a message list as is; a plain string from a `prompt`
+    column as is; a bare `problem`/`question` string gets the boxed-answer instruction."""
+    if isinstance(prompt, str):
+        text = prompt if field == "prompt" else format_problem(prompt)
+        prompt = [{"role": "user", "content": text}]
+    if tokenizer.chat_template is None:  # base models: plain text, no template
+        return "\n".join(m["content"] for m in prompt) + "\n"
+    return tokenizer.apply_chat_template(list(prompt), tokenize=False, add_generation_prompt=True,
+                                         enable_thinking=enable_thinking)
+
+
+def encode_prompts(tokenizer, records, field, max_prompt_length, enable_thinking=False):
+    """Token ids of each distinct prompt; too-long prompts are skipped and counted."""
+    seen, prompts, too_long = set(), [], 0
+    for row in records:
+        key = json.dumps(row[field], sort_keys=True, default=str)
+        if key in seen:
+            continue
+        seen.add(key)
+        text = render_prompt(tokenizer, row[field], field, enable_thinking)
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        if len(ids) > max_prompt_length:
+            too_long += 1
+            continue
+        prompts.append(ids)
+    if not prompts:
+        raise UsageError(f"every prompt is longer than --max-prompt-length {max_prompt_length} "
+                         f"({too_long} skipped)")
+    return prompts, too_long
+
+
+def looks_like_path(name):
+    return name.startswith(("/", "./", "../", "~")) or os.path.exists(name)
