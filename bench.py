@@ -162,34 +162,6 @@ FORWARD_BACKWARD = {"naive": naive_forward_backward, "gathered": gathered_forwar
 
 
 # ---------------------------------------------------------------------------------------------
-# Peak memory, in a window opened before each step
-# ---------------------------------------------------------------------------------------------
-
-def _proc_status_bytes(field):
-    """VmRSS (resident now) or VmHWM (peak resident) of this process, from Linux's /proc."""
-    with open("/proc/self/status") as f:
-        return int(next(line for line in f if line.startswith(field + ":")).split()[1]) * 1024
-
-
-def start_memory_window(device):
-    """Reset the peak counter and return the memory in use now (the step's baseline), bytes."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        return torch.cuda.memory_allocated(device)
-    with open("/proc/self/clear_refs", "w") as f:  # Linux only (ru_maxrss cannot be reset)
-        f.write("5")  # 5: reset this process's peak RSS (VmHWM) to its current RSS
-    return _proc_status_bytes("VmRSS")
-
-
-def peak_memory(device):
-    """The peak since start_memory_window, bytes."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device)
-    return _proc_status_bytes("VmHWM")
-
-
-# ---------------------------------------------------------------------------------------------
 # One configuration, in its own process
 # ---------------------------------------------------------------------------------------------
 
@@ -221,7 +193,7 @@ def measure(spec):
     peaks, step_peaks, seconds = [], [], []
     for i in range(spec["warmup"] + spec["steps"]):
         generator = torch.Generator().manual_seed(spec["seed"] + i)  # same selection on each path
-        baseline = start_memory_window(device)
+        baseline = distill.start_memory_window(device)
         t0 = time.perf_counter()
         loss, n_kept = FORWARD_BACKWARD[spec["path"]](student, teacher, rollouts, cfg, generator)
         first_loss = loss if i == 0 else first_loss  # before any update: comparable across paths
@@ -232,7 +204,7 @@ def measure(spec):
             torch.cuda.synchronize(device)
         if i >= spec["warmup"]:
             seconds.append(time.perf_counter() - t0)
-            peaks.append(peak_memory(device))
+            peaks.append(distill.peak_memory(device))
             step_peaks.append(peaks[-1] - baseline)
     return {"path": spec["path"], "keep": spec["keep"], "rule": cfg.rule,
             "gradient_checkpointing": spec["checkpointing"], "kept_tokens": n_kept,

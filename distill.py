@@ -38,7 +38,6 @@ import dataclasses
 import json
 import math
 import os
-import resource
 import shutil
 import sys
 import time
@@ -284,11 +283,28 @@ def opd_step(student, teacher, rollouts, cfg, generator, times):
     return metrics
 
 
-def peak_memory_bytes(device):
-    """CUDA max allocated since the last reset, or this process's peak RSS on the CPU."""
+def _proc_status_bytes(field):
+    """VmRSS (resident now) or VmHWM (peak resident) of this process, from Linux's /proc."""
+    with open("/proc/self/status") as f:
+        return int(next(line for line in f if line.startswith(field + ":")).split()[1]) * 1024
+
+
+def start_memory_window(device):
+    """Reset the peak counter and return the memory in use now (the step's baseline), bytes."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        return torch.cuda.memory_allocated(device)
+    with open("/proc/self/clear_refs", "w") as f:  # Linux only (getrusage's peak cannot be reset)
+        f.write("5")  # 5: reset this process's peak RSS (VmHWM) to its current RSS
+    return _proc_status_bytes("VmRSS")
+
+
+def peak_memory(device):
+    """The peak since start_memory_window, bytes."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device)
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    return _proc_status_bytes("VmHWM")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -537,8 +553,7 @@ def train(args):
     skipped_in_a_row = 0
     for step in range(start + 1, args.steps + 1):
         t_step, times = time.perf_counter(), {}
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
+        start_memory_window(device)  # peak memory is per step
         # Randomness is a function of (seed, step, rank): a resumed run draws what it would have.
         torch.manual_seed((args.seed * 1_000_003 + step) * 1_009 + rank)
         generator = torch.Generator().manual_seed((args.seed * 1_000_003 + step) * 1_009 + rank)
@@ -559,7 +574,7 @@ def train(args):
         seconds = time.perf_counter() - t_step
         record = {"step": step, **metrics, "grad_norm": grad_norm, "skipped": skipped,
                   "lr": scheduler.get_last_lr()[0], "tokens_per_s": metrics["response_tokens"] / seconds,
-                  "peak_memory_bytes": peak_memory_bytes(device), "step_seconds": seconds,
+                  "peak_memory_bytes": peak_memory(device), "step_seconds": seconds,
                   **{f"time/{k}": v for k, v in times.items()}}
         if evaluating and ((args.eval_every and step % args.eval_every == 0) or step == args.steps):
             record.update(evaluate_now(student, tokenizer, args))

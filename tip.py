@@ -113,21 +113,26 @@ def token_stats(student_hidden, student_head, teacher_hidden, teacher_head, chun
     """
     vocab = min(student_head.shape[0], teacher_head.shape[0])
     ws, wt = student_head[:vocab], teacher_head[:vocab]  # (V, D_s), (V, D_t)
+    # Σ_v a_v b_v per row as a batched (1, V) @ (V, 1) product: no (n, V) temporary
+    dot = lambda a, b: (a.unsqueeze(1) @ b.unsqueeze(-1)).view(-1)  # noqa: E731
     out = {k: [] for k in ("entropy", "reverse_kl", "forward_kl", "student_top1", "student_top1_p",
                            "teacher_top1", "teacher_top1_p")}
     for i in range(0, student_hidden.shape[0], chunk_size):
-        zs = (student_hidden[i:i + chunk_size] @ ws.T).float()  # (n, V)
-        zt = (teacher_hidden[i:i + chunk_size] @ wt.T).float()  # (n, V)
-        logp_s, logp_t = F.log_softmax(zs, -1), F.log_softmax(zt, -1)  # (n, V) each
-        p_s, p_t = logp_s.exp(), logp_t.exp()  # (n, V) each
-        out["entropy"].append(-(p_s * logp_s).sum(-1))
-        out["reverse_kl"].append((p_s * (logp_s - logp_t)).sum(-1))
-        out["forward_kl"].append((p_t * (logp_t - logp_s)).sum(-1))
-        for who, p in (("student", p_s), ("teacher", p_t)):
-            top_p, top_id = p.max(-1)  # (n,) each
+        # Three (n, V) buffers at a time, reused in place: this pass sets the peak memory of a
+        # training step, since the loss touches only the kept positions.
+        logp_s = F.log_softmax((student_hidden[i:i + chunk_size] @ ws.T).float(), -1)  # (n, V)
+        logp_t = F.log_softmax((teacher_hidden[i:i + chunk_size] @ wt.T).float(), -1)  # (n, V)
+        p = logp_s.exp()  # (n, V): P_S
+        out["entropy"].append(-dot(p, logp_s))
+        for who, logp in (("student", logp_s), ("teacher", logp_t)):
+            top_logp, top_id = logp.max(-1)  # (n,) each
             out[f"{who}_top1"].append(top_id)
-            out[f"{who}_top1_p"].append(top_p)
-        del zs, zt, logp_s, logp_t, p_s, p_t  # free this chunk before projecting the next
+            out[f"{who}_top1_p"].append(top_logp.exp())
+        diff = logp_s.sub_(logp_t)  # (n, V): log P_S - log P_T, in place of log P_S
+        out["reverse_kl"].append(dot(p, diff))
+        torch.exp(logp_t, out=p)  # (n, V): P_T, in place of P_S
+        out["forward_kl"].append(-dot(p, diff))
+        del logp_s, logp_t, p, diff
     stats = {k: torch.cat(v) if v else student_hidden.new_zeros(0) for k, v in out.items()}
     stats["entropy_norm"] = stats["entropy"] / math.log(vocab)  # h_t in [0, 1] (Eq. 2)
     return stats
