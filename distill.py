@@ -116,7 +116,8 @@ def sample(model, tokenizer, prompts, samples_per_prompt=1, max_new_tokens=256, 
     # the rollouts come from a distribution other than P_S, the one the loss is taken under.
     config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=temperature > 0,
                               temperature=temperature if temperature > 0 else None,
-                              top_p=top_p if temperature > 0 else None, top_k=0,
+                              top_p=top_p if temperature > 0 else None,
+                              top_k=0 if temperature > 0 else None,
                               eos_token_id=sorted(stops), pad_token_id=pad)
     flat = [p for p in prompts for _ in range(samples_per_prompt)]
     responses, was_training = [], model.training
@@ -390,6 +391,8 @@ def parse_args(argv=None):
                    "in --output-dir")
     p.add_argument("--eval-every", type=int, default=0, help="evaluate every N steps, before the "
                    "first and after the last (0: never; the toy run evaluates before and after)")
+    p.add_argument("--eval-before", action=argparse.BooleanOptionalAction, default=True,
+                   help="when evaluating, also evaluate the student before the first step")
     p.add_argument("--eval-benchmarks", help="comma list (default: toy for the toy pair, else math500)")
     p.add_argument("--eval-samples", type=int, default=1, help="samples per problem (1: greedy)")
     p.add_argument("--eval-limit", type=int, help="evaluate on the first N problems only")
@@ -548,7 +551,7 @@ def train(args):
             log.flush()  # a kill loses at most the line being written
 
     evaluating = args.eval_every > 0 or args.toy
-    if evaluating and start == 0:
+    if evaluating and start == 0 and args.eval_before:
         write({"step": 0, **evaluate_now(student, tokenizer, args)})
     skipped_in_a_row = 0
     for step in range(start + 1, args.steps + 1):
