@@ -30,7 +30,11 @@ Where this departs from the paper, and why:
   (not a mean of per-micro-batch means), so micro-batching does not change the gradient.
 - grad-norm clip 1.0, weight decay 0.1 and skipping non-finite steps follow the authors' launcher.
 - Duplicate prompts in the dataset are dropped; prompts longer than --max-prompt-length are
-  skipped and counted, never truncated.
+  skipped and counted, never truncated (loading.py).
+
+Also here: resuming (--resume: weights, optimizer, scheduler, step, RNG; data order and sampling
+are functions of (seed, step)), atomic checkpoints, and torchrun + FSDP2 (parallel.py). Models,
+tokenizers and prompts are loaded by loading.py, which refuses bad input with one line.
 """
 import argparse
 import contextlib
@@ -443,7 +447,10 @@ def resolve_defaults(args):
     if args.teacher is None:
         import toy
         defaults = toy.DISTILL_DEFAULTS
-        args.teacher, args.student = toy.build()
+        try:
+            args.teacher, args.student = toy.build()
+        except (FileExistsError, PermissionError) as e:
+            raise UsageError(f"cannot build the toy pair: {e}")
         args.dataset = args.dataset or toy.split_path("train")
         args.eval_benchmarks = args.eval_benchmarks or "toy"
         args.toy = True

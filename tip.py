@@ -397,7 +397,10 @@ def analyze(args):
     import selection
     if args.teacher is None:
         import toy
-        args.teacher, args.student = toy.build()
+        try:
+            args.teacher, args.student = toy.build()
+        except (FileExistsError, PermissionError) as e:
+            raise loading.UsageError(f"cannot build the toy pair: {e}")
         args.dataset = args.dataset or toy.split_path("heldout")
     device, _ = loading.resolve_device(args.device)
     dtype, _ = loading.resolve_dtype(args.dtype, device)

@@ -1,0 +1,249 @@
+"""toy.py: the tokenizer, the task, the quick check, and a tiny build that saves, reloads, is
+reproducible and is cached. The real 2.5-minute build is only checked when it already exists."""
+import os
+import re
+import shutil
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+import toy
+
+SPECIALS = r"<\|im_(?:start|end)\|>"
+
+
+def prompt(tok, problem):
+    return toy.render_prompt(tok, problem, "problem")
+
+
+# ---------------------------------------------------------------------------------------------
+# Tokenizer
+# ---------------------------------------------------------------------------------------------
+
+def test_tokenizer_is_character_level_and_round_trips(tmp_path):
+    tok = toy.make_tokenizer()
+    assert (tok.eos_token, tok.pad_token) == ("<|im_end|>", "<|endoftext|>")
+    assert [tok.convert_tokens_to_ids(t) for t in toy.SPECIAL_TOKENS] == [0, 1, 2]
+    assert len(tok) == 99
+    item = toy.make_problems(1, seed=3)[0]
+    text = prompt(tok, item["problem"]) + item["solution"] + "<|im_end|>"
+    ids = tok(text)["input_ids"]
+    assert tok.decode(ids) == text
+    # One id per character, and one per special token (no BOS is added).
+    assert len(ids) == len(re.sub(SPECIALS, "", text)) + len(re.findall(SPECIALS, text))
+    assert ids[-1] == tok.eos_token_id == 2
+    assert tok.decode(tok(toy.CHARACTERS)["input_ids"]) == toy.CHARACTERS
+    assert len(tok(toy.CHARACTERS)["input_ids"]) == len(toy.CHARACTERS) == 96
+
+    tok.save_pretrained(tmp_path)
+    again = AutoTokenizer.from_pretrained(tmp_path)
+    assert again(text)["input_ids"] == ids
+    assert again.decode(ids) == text
+    assert (again.eos_token_id, again.pad_token_id) == (2, 0)
+    assert prompt(again, item["problem"]) == prompt(tok, item["problem"])
+
+
+def test_chat_template_is_qwen_style():
+    tok = toy.make_tokenizer()
+    messages = [{"role": "user", "content": "What is 1 + 2?"}]
+    for kwargs in ({}, {"enable_thinking": False}, {"enable_thinking": True}):
+        text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False,
+                                       **kwargs)
+        assert text == "<|im_start|>user\nWhat is 1 + 2?<|im_end|>\n<|im_start|>assistant\n"
+    assert tok.apply_chat_template(messages, tokenize=False) == (
+        "<|im_start|>user\nWhat is 1 + 2?<|im_end|>\n")
+    assert prompt(tok, "What is 1 + 2?") == (
+        "<|im_start|>user\nWhat is 1 + 2?\nPlease reason step by step, and put your final "
+        "answer within \\boxed{}.<|im_end|>\n<|im_start|>assistant\n")
+    assert toy.format_problem("Q") == "Q\n" + toy.INSTRUCTION
+
+
+# ---------------------------------------------------------------------------------------------
+# Task
+# ---------------------------------------------------------------------------------------------
+
+def test_items_are_correct_worked_additions():
+    tok = toy.make_tokenizer()
+    for item in toy.make_problems(300, seed=1):
+        a, b = map(int, re.fullmatch(r"What is (\d{3}) \+ (\d{3})\?", item["problem"]).groups())
+        assert item["answer"] == str(a + b)  # recomputed, not read from the generator
+        lines = item["solution"].split("\n")
+        assert len(lines) == 4 and lines[-1] == f"\\boxed{{{a + b}}}"
+        assert toy.last_boxed(item["solution"]) == item["answer"]
+        carry = 0  # each column line is right, and carries the previous line's tens digit
+        for col, line in enumerate(lines[:-1]):
+            x, y, c, total = map(int, re.fullmatch(r"(\d)\+(\d)\+(\d)=(\d\d)", line).groups())
+            assert (x, y, c) == (a // 10**col % 10, b // 10**col % 10, carry)
+            assert total == x + y + c
+            carry = total // 10
+        # Short for char-level models: prompt + solution + <|im_end|> fits in 150 tokens.
+        text = prompt(tok, item["problem"]) + item["solution"] + "<|im_end|>"
+        assert len(tok(text)["input_ids"]) <= 150
+    assert toy.make_item(999, 999)["solution"] == "9+9+0=18\n9+9+1=19\n9+9+1=19\n\\boxed{1998}"
+    assert toy.make_item(100, 200)["answer"] == "300"
+    assert toy.make_item(5, 123)["solution"] == "5+3+0=08\n0+2+0=02\n0+1+0=01\n\\boxed{128}"
+
+
+def test_splits_are_deterministic_and_disjoint():
+    train, heldout = toy.make_splits(0, 2000, 200)
+    assert (len(train), len(heldout)) == (2000, 200)
+    assert toy.make_splits(0, 2000, 200) == (train, heldout)
+    assert toy.make_splits(1, 2000, 200)[1] != heldout
+    train_problems = {it["problem"] for it in train}
+    assert len(train_problems) == len(train)  # no duplicates inside a split either
+    assert not train_problems & {it["problem"] for it in heldout}
+    assert toy.make_splits(0, 3000, 200)[1] == heldout  # a bigger train split keeps the held-out
+
+
+def test_encode_trains_on_the_solution_and_end_of_turn_only():
+    tok = toy.make_tokenizer()
+    items = [toy.make_item(1, 2), toy.make_item(123, 456)]  # two lengths: one row is padded
+    input_ids, labels, mask = toy.encode(tok, items)
+    for i, item in enumerate(items):
+        prompt_ids = tok(prompt(tok, item["problem"]))["input_ids"]
+        target_ids = tok(item["solution"] + "<|im_end|>")["input_ids"]
+        n, m = len(prompt_ids), len(target_ids)
+        assert input_ids[i, : n + m].tolist() == prompt_ids + target_ids
+        assert labels[i, n : n + m].tolist() == target_ids
+        assert (labels[i, :n] == -100).all() and (labels[i, n + m :] == -100).all()
+        assert (input_ids[i, n + m :] == tok.pad_token_id).all()
+        assert mask[i].tolist() == [1] * (n + m) + [0] * (input_ids.shape[1] - n - m)
+
+
+# ---------------------------------------------------------------------------------------------
+# The quick check
+# ---------------------------------------------------------------------------------------------
+
+class Oracle:
+    """Stands in for a model: reads each left-padded prompt back and "generates" the worked
+    solution, with the answer off by one for every second problem and no box for every fifth."""
+
+    def __init__(self, tok):
+        self.tok, self.calls = tok, 0
+
+    def generate(self, input_ids, attention_mask, max_new_tokens, do_sample, eos_token_id,
+                 pad_token_id):
+        assert not do_sample and (input_ids[:, -1] != pad_token_id).all()  # padded on the left
+        assert (attention_mask == (input_ids != pad_token_id)).all()
+        rows = []
+        for text in self.tok.batch_decode(input_ids, skip_special_tokens=True):
+            a, b = map(int, re.search(r"What is (\d+) \+ (\d+)\?", text).groups())
+            solution = toy.make_item(a, b)["solution"]
+            if self.calls % 2:  # a wrong answer
+                solution = solution.replace(f"{{{a + b}}}", f"{{{a + b + 1}}}")
+            if self.calls % 5 == 0:  # no box at all
+                solution = solution.replace("\\boxed", "")
+            rows.append(self.tok(solution + "<|im_end|>")["input_ids"])
+            self.calls += 1
+        T = max(map(len, rows))
+        new = torch.tensor([r + [pad_token_id] * (T - len(r)) for r in rows])  # (B, new)
+        return torch.cat([input_ids, new], dim=1)  # (B, T + new)
+
+
+def test_greedy_accuracy_grades_the_last_box():
+    tok = toy.make_tokenizer()
+    # Operands of 1 to 3 digits give prompts of different lengths, so padding matters.
+    items = [toy.make_item(a, b) for a, b in [(1, 2), (12, 34), (123, 456), (9, 9), (99, 99),
+                                              (999, 999), (5, 6), (50, 60), (500, 600), (7, 8)]]
+    # Right: calls 2, 4, 6, 8 (even and with a box); 0 has no box; odd ones are off by one.
+    assert toy.greedy_accuracy(Oracle(tok), tok, items, batch_size=4) == 0.4
+    assert toy.last_boxed("\\boxed{1} then \\boxed{23}") == "23"
+    assert toy.last_boxed("no box") is None
+
+
+# ---------------------------------------------------------------------------------------------
+# Build: the tiny `quick` settings, through the same code path as the real build
+# ---------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def quick_cache(tmp_path_factory):
+    cache = str(tmp_path_factory.mktemp("toy") / "cache")
+    return cache, toy.build(cache, seed=0, quick=True)
+
+
+def logits_of(model_dir, text):
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    with torch.no_grad():
+        return model(**tok(text, return_tensors="pt")).logits  # (1, T, V)
+
+
+def test_build_saves_models_tokenizer_and_splits(quick_cache, tmp_path):
+    cache, (teacher_dir, student_dir) = quick_cache
+    assert teacher_dir == os.path.join(cache, "teacher")
+    assert student_dir == os.path.join(cache, "student")
+    train, heldout = toy.make_splits(0, toy.QUICK["n_train"], toy.QUICK["n_heldout"])
+    assert toy.load_split("train", cache) == train
+    assert toy.load_split("heldout", cache) == heldout
+    assert [f for f in os.listdir(os.path.dirname(cache)) if ".tmp-" in f] == []  # no leftovers
+    for model_dir in (teacher_dir, student_dir):
+        model = AutoModelForCausalLM.from_pretrained(model_dir)
+        tok = AutoTokenizer.from_pretrained(model_dir)
+        assert type(model).__name__ == "Qwen3ForCausalLM"
+        assert model.config.tie_word_embeddings and model.config.vocab_size == len(tok) == 99
+        assert model.lm_head.weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
+        assert model.generation_config.eos_token_id == tok.eos_token_id == 2
+        assert model.generation_config.pad_token_id == tok.pad_token_id == 0
+        assert tok.decode(tok(heldout[0]["solution"])["input_ids"]) == heldout[0]["solution"]
+
+    # The student is an earlier snapshot of the same run: same shapes, other weights.
+    text = prompt(toy.make_tokenizer(), heldout[0]["problem"]) + heldout[0]["solution"]
+    t, s = logits_of(teacher_dir, text), logits_of(student_dir, text)
+    assert t.shape == s.shape == (1, len(toy.make_tokenizer()(text)["input_ids"]), 99)
+    assert not torch.allclose(t, s)
+    # Reproducible from the seed: a second build elsewhere reloads to identical logits.
+    for model_dir, again_dir in zip((teacher_dir, student_dir),
+                                    toy.build(str(tmp_path / "again"), seed=0, quick=True)):
+        assert torch.equal(logits_of(model_dir, text), logits_of(again_dir, text))
+
+
+def test_cache_is_reused_and_rebuilt_when_stale(quick_cache, tmp_path, monkeypatch):
+    cache, dirs = quick_cache
+    stamp = toy.read_stamp(cache)
+    calls, real_train = [], toy.train
+    monkeypatch.setattr(toy, "train", lambda *a, **k: calls.append(1) or real_train(*a, **k))
+    assert toy.build(cache, seed=0, quick=True) == dirs
+    assert calls == [] and toy.read_stamp(cache) == stamp  # valid stamp and files: no training
+
+    copy = str(tmp_path / "copy")  # a copy, so the module's cache stays intact
+    shutil.copytree(cache, copy)
+    os.remove(os.path.join(copy, "student", "model.safetensors"))  # as if half-written
+    assert toy.read_stamp(copy) is None
+    toy.build(copy, seed=0, quick=True)
+    assert calls == [1] and toy.read_stamp(copy)["key"] == stamp["key"]
+    toy.build(copy, seed=1, quick=True)  # other settings: rebuilt
+    assert calls == [1, 1] and toy.read_stamp(copy)["settings"]["seed"] == 1
+    assert toy.load_split("heldout", copy) == toy.make_splits(1, 64, 16)[1]
+    toy.build(copy, seed=1, quick=True, force=True)
+    toy.build(copy, seed=1, quick=True)
+    assert calls == [1, 1, 1]
+
+
+def test_build_refuses_to_replace_a_foreign_folder(tmp_path):
+    (tmp_path / "mine.txt").write_text("not a toy cache")
+    with pytest.raises(FileExistsError):
+        toy.build(str(tmp_path), quick=True)
+    assert os.listdir(tmp_path) == ["mine.txt"]
+
+
+def test_cache_dir_follows_the_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv("TIP_TOY_CACHE", str(tmp_path))
+    assert toy.split_path("heldout") == os.path.join(str(tmp_path), "heldout.jsonl")
+    monkeypatch.delenv("TIP_TOY_CACHE")
+    here = os.path.dirname(os.path.abspath(toy.__file__))
+    assert toy.split_path("train") == os.path.join(here, ".cache", "toy", "train.jsonl")
+
+
+def test_built_pair_is_a_strong_teacher_and_a_weaker_student():
+    """The real pair, when `python toy.py` has built it (skipped otherwise: it takes minutes)."""
+    cache = toy.default_cache_dir()
+    stamp = toy.read_stamp(cache)
+    if stamp is None or stamp["settings"]["n_heldout"] != toy.SETTINGS["n_heldout"]:
+        pytest.skip("the toy pair is not built (run `python toy.py`)")
+    heldout = toy.load_split("heldout", cache)[:100]
+    tok = AutoTokenizer.from_pretrained(os.path.join(cache, "teacher"))
+    acc = {who: toy.greedy_accuracy(AutoModelForCausalLM.from_pretrained(os.path.join(cache, who)),
+                                    tok, heldout) for who in ("teacher", "student")}
+    assert acc["teacher"] >= 0.9
+    assert 0.15 <= acc["student"] <= 0.7

@@ -1,0 +1,436 @@
+"""The embedded toy world: a synthetic arithmetic task, a character-level tokenizer and two small
+Qwen3 models trained on the CPU, so that `python distill.py` distils a real student, no download.
+
+    python toy.py                     # build teacher + student once (~2.5 min on 2 CPU cores)
+    python toy.py --cache-dir DIR     # build elsewhere (or set TIP_TOY_CACHE); --force rebuilds
+    python toy.py sweep               # every rule x keep x 3 seeds -> sweep/table.md, sweep.png
+
+Contract (what the other files import):
+  make_problems(n, seed)            n distinct items {"problem", "solution", "answer"}
+  make_tokenizer()                  a PreTrainedTokenizerFast, one token per character, Qwen chat
+                                    template and special tokens (eos <|im_end|>, pad <|endoftext|>)
+  build(cache_dir, seed, force)     train and save both -> (teacher_dir, student_dir); reuses a
+                                    valid cache; a build appears whole (temp folder, then rename)
+  split_path(name), load_split(..)  the "train" / "heldout" JSONL splits that build() wrote
+  greedy_accuracy(model, tok, ..)   the toy's own quick check; evaluate.py does the real grading
+  DISTILL_DEFAULTS                  the laptop settings of `python distill.py` on the toy pair
+  sweep(output_dir, steps, seeds)   the paper's table in miniature (SWEEP: rule, keep pairs)
+
+The task is shaped like MATH: a question, a short worked solution, a final `\\boxed{answer}`. Each
+item adds two three-digit numbers column by column from the right, carrying as in school, and the
+answer is read back from the columns:
+
+    What is 478 + 657?      8+7+0=15        each column: digit + digit + carry in = two-digit sum
+                            7+5+1=13
+                            4+6+1=11
+                            \\boxed{1135}
+
+Every line has the same width (the carry is written even when it is 0, the sum always has two
+digits), so each digit a model must look up sits at a fixed distance. A 0.8M-parameter model then
+learns the task in a few hundred steps; with lines of varying width, or with multiplication mixed
+in, it needed several times more steps than a 3-minute build allows.
+
+Notation: B items in a batch, T positions, V vocabulary (96 characters + 3 special tokens = 99).
+
+Departures from the paper (Qwen3-8B -> Qwen3-4B on MATH): everything here is a toy. The student is
+not a smaller model but a snapshot of the teacher's own training run, taken when its greedy
+accuracy on training problems is nearest 40%: same architecture and tokenizer, less supervised
+training. So it has the capacity to catch up under on-policy distillation, and its mistakes are its
+own most likely tokens (at the first wrong token of a greedy answer, typically p ~ 0.5 where the
+teacher gives that token < 1%: a wrong digit sum, a wrong read-back), not the noise of a model too
+small to learn the task.
+"""
+import argparse
+import hashlib
+import json
+import math
+import os
+import random
+import re
+import shutil
+import tempfile
+import time
+
+import torch
+from tokenizers import Tokenizer, decoders, models
+from tqdm import tqdm
+from transformers import (AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast,
+                          Qwen3Config, Qwen3ForCausalLM)
+
+# The prompt is loading.py's (problem + INSTRUCTION in the chat template), so the toy models are
+# trained on exactly the text that distill.py and evaluate.py feed them.
+from loading import INSTRUCTION, format_problem, render_prompt  # noqa: F401 (re-exported)
+
+# ---------------------------------------------------------------------------------------------
+# The task
+# ---------------------------------------------------------------------------------------------
+
+def make_item(a, b):
+    """One item: `a + b` worked column by column from the units, as fixed-width lines."""
+    width = max(len(str(a)), len(str(b)))  # the shorter number gets leading zeros: 0 + digit
+    lines, written, carry = [], [], 0
+    for x, y in zip(map(int, str(a).zfill(width)[::-1]), map(int, str(b).zfill(width)[::-1])):
+        total = x + y + carry
+        lines.append(f"{x}+{y}+{carry}={total:02d}")  # e.g. 4+6+1=11
+        written.append(str(total % 10))
+        carry = total // 10
+    answer = ("1" if carry else "") + "".join(reversed(written))  # a last carry becomes a digit
+    solution = "\n".join(lines + [f"\\boxed{{{answer}}}"])
+    return {"problem": f"What is {a} + {b}?", "solution": solution, "answer": answer}
+
+
+def make_problems(n, seed=0):
+    """`n` distinct items (no problem text repeats), drawn reproducibly from `seed`."""
+    rng = random.Random(seed)
+    items, seen = [], set()
+    while len(items) < n:
+        item = make_item(rng.randint(100, 999), rng.randint(100, 999))
+        if item["problem"] not in seen:
+            seen.add(item["problem"])
+            items.append(item)
+    return items
+
+
+def make_splits(seed, n_train, n_heldout):
+    """Train and held-out cut from one list of distinct problems, so they never share a problem."""
+    items = make_problems(n_heldout + n_train, seed)
+    return items[n_heldout:], items[:n_heldout]
+
+
+# ---------------------------------------------------------------------------------------------
+# The tokenizer: one token per printable ASCII character or newline, after the three Qwen special
+# tokens. A BPE model with no merges is exactly a character-level tokenizer. Characters outside
+# the vocabulary are dropped silently (BPE without an unknown token): the task never has any.
+# ---------------------------------------------------------------------------------------------
+
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]  # ids 0, 1, 2
+CHARACTERS = "\n" + "".join(chr(c) for c in range(32, 127))
+
+# Qwen's template without tools and thinking. `enable_thinking` and any other keyword passed to
+# apply_chat_template reach jinja as unused variables, so they are accepted and ignored.
+CHAT_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+
+
+def make_tokenizer():
+    vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS + list(CHARACTERS))}
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    backend.decoder = decoders.Fuse()  # join the characters back with nothing in between
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+        additional_special_tokens=["<|im_start|>"], chat_template=CHAT_TEMPLATE,
+        clean_up_tokenization_spaces=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# Supervised training and the toy's quick check
+# ---------------------------------------------------------------------------------------------
+
+def encode(tokenizer, items):
+    """Prompt + solution + <|im_end|>, right-padded. Labels are -100 on the prompt and padding,
+    so the loss is on the solution and its end-of-turn token only."""
+    rows = [(tokenizer(render_prompt(tokenizer, it["problem"], "problem"))["input_ids"],
+             tokenizer(it["solution"] + tokenizer.eos_token)["input_ids"]) for it in items]
+    T = max(len(p) + len(s) for p, s in rows)
+    input_ids = torch.full((len(rows), T), tokenizer.pad_token_id)  # (B, T)
+    labels = torch.full((len(rows), T), -100)  # (B, T); the model shifts them by one itself
+    for i, (p, s) in enumerate(rows):
+        input_ids[i, : len(p) + len(s)] = torch.tensor(p + s)
+        labels[i, len(p) : len(p) + len(s)] = torch.tensor(s)
+    return input_ids, labels, (input_ids != tokenizer.pad_token_id).long()  # mask: (B, T)
+
+
+def last_boxed(text):
+    found = re.findall(r"\\boxed\{([^{}]*)\}", text)
+    return found[-1] if found else None
+
+
+@torch.no_grad()
+def greedy_accuracy(model, tokenizer, items, batch_size=128, max_new_tokens=48):
+    """Share of `items` whose greedy answer boxes exactly the right answer string. This is the
+    toy's own quick check (integers only); evaluate.py grades real benchmarks. The longest
+    solution is 40 tokens with its <|im_end|>, so 48 new tokens never cut a right answer."""
+    correct = 0
+    for start in range(0, len(items), batch_size):
+        batch = items[start : start + batch_size]
+        # Left padding: generate appends on the right; positions follow from the attention mask.
+        prompts = [render_prompt(tokenizer, it["problem"], "problem") for it in batch]
+        enc = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left")  # (B, T)
+        out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
+                             eos_token_id=tokenizer.eos_token_id,
+                             pad_token_id=tokenizer.pad_token_id)  # (B, T + new)
+        new = out[:, enc["input_ids"].shape[1] :]  # (B, new)
+        texts = tokenizer.batch_decode(new, skip_special_tokens=True)
+        correct += sum(last_boxed(t) == it["answer"] for t, it in zip(texts, batch))
+    return correct / len(items)
+
+
+def train(model, tokenizer, items, s, seed):
+    """AdamW with a linear warm-up, then a cosine decay to 10% of the peak lr. Every
+    `probe_every` steps, greedy accuracy on the first `probe_size` training items; returns the
+    state dict of the probe nearest `student_target` and that probe {"step", "accuracy"}. The
+    held-out split plays no part in choosing the student."""
+    rng = random.Random(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=s["lr"], betas=(0.9, 0.95), weight_decay=0.1)
+    steps, warmup = s["steps"], max(1, s["steps"] // 20)
+    factor = lambda k: min(1.0, (k + 1) / warmup) * (0.55 + 0.45 * math.cos(math.pi * k / steps))
+    schedule = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+    target, snapshot, probe, probing = s["student_target"], None, None, True
+    bar = tqdm(range(1, steps + 1), desc="toy: train teacher (student = an early snapshot)")
+    for step in bar:
+        model.train()
+        input_ids, labels, mask = encode(tokenizer, rng.sample(items, s["batch_size"]))  # (B, T)
+        loss = model(input_ids=input_ids, attention_mask=mask, labels=labels).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        schedule.step()
+        opt.zero_grad(set_to_none=True)
+        if probing and step % s["probe_every"] == 0:
+            model.eval()
+            acc = greedy_accuracy(model, tokenizer, items[: s["probe_size"]])
+            if probe is None or abs(acc - target) < abs(probe["accuracy"] - target):
+                snapshot = {k: v.clone() for k, v in model.state_dict().items()}
+                probe = {"step": step, "accuracy": acc}
+            probing = acc < target  # past it: later probes only climb further (nearly always)
+        bar.set_postfix(loss=f"{loss.item():.3f}", student_probe=probe and probe["accuracy"])
+    model.eval()
+    return snapshot, probe
+
+
+# ---------------------------------------------------------------------------------------------
+# Building the pair into a cache folder
+# ---------------------------------------------------------------------------------------------
+
+# `python distill.py` on the toy pair: 8 prompts x 4 rollouts = 32 per step, about 0.7 s a step.
+DISTILL_DEFAULTS = dict(lr=1e-3, steps=200, prompts_per_step=8, samples_per_prompt=4,
+                        max_new_tokens=48, micro_batch_size=32, generation_batch_size=32,
+                        warmup_steps=10)
+FORMAT_VERSION = 1  # bump whenever the code changes what a build produces: old caches go stale
+SETTINGS = dict(
+    model=dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4,
+               num_attention_heads=4, num_key_value_heads=2, head_dim=32),
+    n_train=20000, n_heldout=500, steps=400, batch_size=32, lr=3e-3,
+    probe_every=10, probe_size=64, student_target=0.4,
+)
+QUICK = dict(  # a build of a few seconds for the tests: the same code path, tiny everything
+    model=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+               num_attention_heads=2, num_key_value_heads=1, head_dim=16),
+    n_train=64, n_heldout=16, steps=4, batch_size=8, probe_every=2, probe_size=8,
+)
+FILES = ["stamp.json", "train.jsonl", "heldout.jsonl"] + [
+    f"{who}/{name}" for who in ("teacher", "student")
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")]
+
+
+def default_cache_dir():
+    here = os.path.dirname(os.path.abspath(__file__))
+    return os.environ.get("TIP_TOY_CACHE") or os.path.join(here, ".cache", "toy")
+
+
+def split_path(name, cache_dir=None):
+    """The JSONL file of split `name` ("train" or "heldout") that build() wrote."""
+    return os.path.join(cache_dir or default_cache_dir(), f"{name}.jsonl")
+
+
+def load_split(name, cache_dir=None):
+    with open(split_path(name, cache_dir)) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def read_stamp(cache_dir):
+    """The stamp of a complete build in cache_dir, or None."""
+    if not all(os.path.isfile(os.path.join(cache_dir, f)) for f in FILES):
+        return None
+    with open(os.path.join(cache_dir, "stamp.json")) as f:
+        return json.load(f)
+
+
+def build(cache_dir=None, seed=0, force=False, quick=False):
+    """Train the teacher (and take the student from its run) and save both, the tokenizer and the
+    splits under cache_dir -> (teacher_dir, student_dir). Skipped when the cache holds a complete
+    build of the same settings, format version and seed; `quick` is the tiny build of the tests."""
+    cache_dir = os.path.abspath(cache_dir or default_cache_dir())
+    dirs = os.path.join(cache_dir, "teacher"), os.path.join(cache_dir, "student")
+    s = {**SETTINGS, **(QUICK if quick else {}), "seed": seed}
+    key = hashlib.sha256(json.dumps([FORMAT_VERSION, s], sort_keys=True).encode()).hexdigest()[:16]
+    old = read_stamp(cache_dir)
+    if old and old["key"] == key and not force:
+        return dirs
+    if os.path.isdir(cache_dir) and os.listdir(cache_dir) and not os.path.isfile(
+            os.path.join(cache_dir, "stamp.json")):  # never delete a folder we did not write
+        raise FileExistsError(f"{cache_dir} is not empty and is not a toy cache: not replacing it")
+
+    t0 = time.time()
+    tokenizer = make_tokenizer()
+    train_items, heldout = make_splits(seed, s["n_train"], s["n_heldout"])
+    torch.manual_seed(seed)  # the initial weights
+    config = Qwen3Config(vocab_size=len(tokenizer), max_position_embeddings=512,
+                         tie_word_embeddings=True, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id, bos_token_id=None, **s["model"])
+    teacher = Qwen3ForCausalLM(config)  # eos and pad also land in its generation_config
+    snapshot, probe = train(teacher, tokenizer, train_items, s, seed)
+    student = Qwen3ForCausalLM(config)
+    student.load_state_dict(snapshot)
+    student.eval()
+    accuracy = {who: greedy_accuracy(m, tokenizer, heldout)
+                for who, m in (("teacher", teacher), ("student", student))}
+
+    # Write everything into a temporary sibling folder, then swap it in with renames: a build
+    # killed at any point leaves either the old cache or the new one, never a half-written one.
+    parent, name = os.path.split(cache_dir)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=name + ".tmp-", dir=parent)
+    try:
+        for who, model in (("teacher", teacher), ("student", student)):
+            model.save_pretrained(os.path.join(tmp, who))
+            tokenizer.save_pretrained(os.path.join(tmp, who))
+        for split, items in (("train", train_items), ("heldout", heldout)):
+            with open(split_path(split, tmp), "w") as f:
+                f.writelines(json.dumps(item) + "\n" for item in items)
+        stamp = {"key": key, "format": FORMAT_VERSION, "settings": s, "student_probe": probe,
+                 "heldout_accuracy": accuracy, "build_seconds": round(time.time() - t0, 1)}
+        with open(os.path.join(tmp, "stamp.json"), "w") as f:
+            json.dump(stamp, f, indent=1)
+        done = read_stamp(cache_dir)
+        if done and done["key"] == key and not force:
+            return dirs  # a concurrent build of the same settings finished first: keep it
+        if os.path.exists(cache_dir):  # a folder cannot be renamed onto another: old one aside
+            os.replace(cache_dir, tmp + ".old")
+        os.replace(tmp, cache_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(tmp + ".old", ignore_errors=True)
+    return dirs
+
+
+# ---------------------------------------------------------------------------------------------
+# The paper's table in miniature: every rule at its keep ratios, several seeds
+# ---------------------------------------------------------------------------------------------
+
+LR = 5e-4  # the sweep's runs are shorter than the default run: a gentler peak lr
+SWEEP = [("all", 1.0), ("entropy", 0.5), ("entropy", 0.2), ("entropy-topk", 0.5),
+         ("entropy-topk", 0.2), ("soft-or", 0.5), ("soft-or", 0.2), ("q3", 0.2), ("q3", 0.1),
+         ("divergence", 0.2), ("divergence", 0.1), ("soft-or-bottom", 0.5), ("random", 0.5)]
+
+
+def sweep(output_dir, steps, seeds, cache_dir=None):
+    """Distil the same toy student under each (rule, keep) of SWEEP for `steps` steps and each
+    seed; write results.json, table.md and sweep.png into output_dir. Returns the table rows."""
+    import statistics
+    import distill
+    import evaluate
+    teacher_dir, student_dir = build(cache_dir)
+    tokenizer = AutoTokenizer.from_pretrained(student_dir)
+    start = evaluate.evaluate_benchmark(AutoModelForCausalLM.from_pretrained(student_dir), tokenizer,
+                                        "toy", max_new_tokens=DISTILL_DEFAULTS["max_new_tokens"])
+    runs = []
+    for rule, keep in SWEEP:
+        for seed in seeds:
+            args = distill.parse_args(["--teacher", teacher_dir, "--student", student_dir,
+                                       "--dataset", split_path("train", cache_dir), "--rule", rule,
+                                       "--keep", str(keep), "--steps", str(steps), "--seed", str(seed),
+                                       "--eval-every", str(steps), "--no-eval-before",
+                                       "--eval-benchmarks", "toy", "--lr", str(LR),
+                                       "--prompts-per-step", "4", "--output-dir",
+                                       os.path.join(output_dir, f"{rule}-{keep:g}-seed{seed}")])
+            for name, value in DISTILL_DEFAULTS.items():
+                if name != "steps" and getattr(args, name) is None:
+                    setattr(args, name, value)
+            args.toy = False
+            _, _, history = distill.train(args)
+            runs.append({"rule": rule, "keep": keep, "seed": seed,
+                         "accuracy": history[-1]["eval/toy/mean@1"],
+                         "tokens_trained": sum(r["kept_tokens"] for r in history if "kept_tokens" in r),
+                         "peak_memory_bytes": max(r["peak_memory_bytes"] for r in history
+                                                  if "peak_memory_bytes" in r)})
+            print(f"sweep: {rule}@{keep:g} seed {seed}: {100 * runs[-1]['accuracy']:.1f}%", flush=True)
+    rows = []
+    for rule, keep in SWEEP:
+        mine = [r for r in runs if (r["rule"], r["keep"]) == (rule, keep)]
+        acc = [100 * r["accuracy"] for r in mine]
+        rows.append({"rule": rule, "keep": keep, "accuracy": statistics.mean(acc),
+                     "std": statistics.stdev(acc) if len(acc) > 1 else 0.0,
+                     "tokens_trained": statistics.mean(r["tokens_trained"] for r in mine),
+                     "peak_memory_gib": max(r["peak_memory_bytes"] for r in mine) / 2**30})
+    table = (f"Toy student before distillation: {100 * start['mean']:.1f}% held-out accuracy (greedy); "
+             f"{steps} steps per run, seeds {', '.join(map(str, seeds))}.\n\n"
+             "| rule | keep | held-out accuracy % (mean ± std) | tokens trained | peak memory GiB |\n"
+             "|---|---|---|---|---|\n" + "\n".join(
+                 f"| {r['rule']} | {r['keep']:g} | {r['accuracy']:.1f} ± {r['std']:.1f} | "
+                 f"{r['tokens_trained']:.0f} | {r['peak_memory_gib']:.2f} |" for r in rows))
+    with open(os.path.join(output_dir, "results.json"), "w") as f:
+        json.dump({"start_accuracy": start["mean"], "steps": steps, "seeds": seeds, "runs": runs,
+                   "rows": rows}, f, indent=1)
+    with open(os.path.join(output_dir, "table.md"), "w") as f:
+        f.write(table + "\n")
+    plot_sweep(rows, 100 * start["mean"], os.path.join(output_dir, "sweep.png"))
+    print(table)
+    return rows
+
+
+def plot_sweep(rows, start, path):
+    """Held-out accuracy per rule@keep (mean ± std over seeds), the starting student dashed."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(10, 4.5), dpi=100)
+    labels = [f"{r['rule']}@{r['keep']:g}" for r in rows]
+    ax.bar(range(len(rows)), [r["accuracy"] for r in rows], yerr=[r["std"] for r in rows],
+           color=["0.3" if r["rule"] == "all" else "tab:blue" for r in rows], capsize=3)
+    ax.axhline(start, color="tab:red", ls="--", label=f"student before: {start:.1f}%")
+    ax.set_xticks(range(len(rows)), labels, rotation=45, ha="right")
+    ax.set_ylabel("held-out accuracy % (greedy)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Build the toy teacher/student pair.")
+    # One positional command, so that more (e.g. a sweep) can join "build" later.
+    p.add_argument("command", nargs="?", default="build", choices=["build", "sweep"],
+                   help="build: train and save the pair, or reuse a valid cache; sweep: distil "
+                   "the student under every rule of SWEEP (the paper's table in miniature)")
+    p.add_argument("--steps", type=int, default=100, help="sweep: optimizer steps per run")
+    p.add_argument("--seeds", default="0,1,2", help="sweep: comma-separated distillation seeds")
+    p.add_argument("--output-dir", default="sweep", help="sweep: where runs and the table go")
+    p.add_argument("--cache-dir", default=None, help="cache folder (default: $TIP_TOY_CACHE, "
+                   "else .cache/toy next to toy.py)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the splits, weights and batches")
+    p.add_argument("--force", action="store_true", help="rebuild even if the cache is valid")
+    args = p.parse_args(argv)
+    try:
+        seeds = [int(x) for x in args.seeds.split(",")]
+    except ValueError:
+        p.exit(2, f"error: --seeds must be comma-separated integers, got {args.seeds!r}\n")
+    if args.steps < 1:
+        p.exit(2, "error: --steps must be at least 1\n")
+    cache_dir = os.path.abspath(args.cache_dir or default_cache_dir())
+    print(f"toy: {args.command} cache_dir={cache_dir} seed={args.seed} force={args.force} "
+          f"torch_threads={torch.get_num_threads()} settings={json.dumps(SETTINGS)}")
+    try:
+        teacher_dir, student_dir = build(cache_dir, seed=args.seed, force=args.force)
+    except (FileExistsError, PermissionError, NotADirectoryError) as e:
+        p.exit(2, f"error: cannot build the toy pair in {cache_dir}: {e}\n")
+    if args.command == "sweep":
+        os.makedirs(args.output_dir, exist_ok=True)
+        sweep(args.output_dir, args.steps, seeds, cache_dir)
+        return
+    stamp = read_stamp(cache_dir)  # the numbers of the build, even when it was reused
+    acc, s = stamp["heldout_accuracy"], stamp["settings"]
+    print(f"toy: greedy held-out accuracy on {s['n_heldout']} problems: teacher "
+          f"{100 * acc['teacher']:.1f}%, student {100 * acc['student']:.1f}% (the teacher's run "
+          f"at step {stamp['student_probe']['step']}/{s['steps']}); "
+          f"built in {stamp['build_seconds']:.0f}s")
+    print(f"toy: {teacher_dir}, {student_dir}, {split_path('train', cache_dir)}, "
+          f"{split_path('heldout', cache_dir)}")
+
+
+if __name__ == "__main__":
+    main()
