@@ -359,10 +359,12 @@ def sweep(output_dir, steps, seeds, cache_dir=None):
                      "peak_memory_gib": max(r["peak_memory_bytes"] for r in mine) / 2**30})
     table = (f"Toy student before distillation: {100 * start['mean']:.1f}% held-out accuracy (greedy); "
              f"{steps} steps per run, seeds {', '.join(map(str, seeds))}.\n\n"
-             "| rule | keep | held-out accuracy % (mean ± std) | tokens trained | peak memory GiB |\n"
+             "| rule | keep | held-out accuracy % (mean ± std) | tokens trained | peak RSS GiB * |\n"
              "|---|---|---|---|---|\n" + "\n".join(
                  f"| {r['rule']} | {r['keep']:g} | {r['accuracy']:.1f} ± {r['std']:.1f} | "
-                 f"{r['tokens_trained']:.0f} | {r['peak_memory_gib']:.2f} |" for r in rows))
+                 f"{r['tokens_trained']:.0f} | {r['peak_memory_gib']:.2f} |" for r in rows)
+             + "\n\n* the peak RSS of the one process that runs every configuration in turn: it grows "
+             "from run to run, so it says nothing about the rule; bench.py measures memory per rule.")
     with open(os.path.join(output_dir, "results.json"), "w") as f:
         json.dump({"start_accuracy": start["mean"], "steps": steps, "seeds": seeds, "runs": runs,
                    "rows": rows}, f, indent=1)
