@@ -51,9 +51,9 @@ from torch.utils.checkpoint import checkpoint
 
 import selection
 import tip
-from loading import (UsageError, check_same_tokenizer, encode_prompts, find_prompt_field,
-                     load_model, load_records, load_tokenizer, looks_like_path, resolve_device,
-                     resolve_dtype)
+from loading import (UsageError, check_same_tokenizer, check_writable, encode_prompts,
+                     find_prompt_field, load_model, load_records, load_tokenizer, looks_like_path,
+                     resolve_device, resolve_dtype)
 from parallel import (all_reduce_sum, clip_grad_norm, distributed, gather, setup_distributed,
                       shard, world_size)
 
@@ -432,11 +432,7 @@ def validate(args):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
     if args.output_dir:
-        parent = os.path.abspath(args.output_dir)
-        while not os.path.exists(parent):
-            parent = os.path.dirname(parent)
-        if not os.access(parent, os.W_OK) or not os.path.isdir(parent):
-            raise UsageError(f"--output-dir {args.output_dir!r} is not writable ({parent})")
+        check_writable(args.output_dir)
         if os.path.exists(os.path.join(args.output_dir, "metrics.jsonl")) and not args.resume:
             raise UsageError(f"--output-dir {args.output_dir!r} already holds a run: pass --resume "
                              "to continue it, or choose another folder")

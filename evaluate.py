@@ -288,6 +288,7 @@ def validate(args):
     if args.dtype not in ("auto", "float32", "bfloat16"):
         raise UsageError(f"unknown --dtype {args.dtype!r}; valid: auto, float32, bfloat16")
     args.output_dir = args.output_dir or time.strftime("runs/eval-%Y%m%d-%H%M%S")
+    loading.check_writable(args.output_dir)
     return names
 
 

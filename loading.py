@@ -150,3 +150,12 @@ def encode_prompts(tokenizer, records, field, max_prompt_length, enable_thinking
 
 def looks_like_path(name):
     return name.startswith(("/", "./", "../", "~")) or os.path.exists(name)
+
+
+def check_writable(path, flag="--output-dir"):
+    """Raise UsageError unless `path` exists as a writable folder or could be created."""
+    parent = os.path.abspath(path)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
+        raise UsageError(f"{flag} {path!r} is not writable ({parent})")

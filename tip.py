@@ -441,6 +441,7 @@ def main(argv=None):
             p.add_argument("runs", nargs="+", help="distill.py output folders (with metrics.jsonl)")
             p.add_argument("--output", default="curves.png", help="PNG to write")
             args = p.parse_args(argv[1:])
+            loading.check_writable(os.path.dirname(os.path.abspath(args.output)), "--output")
             for run in args.runs:
                 if not os.path.isfile(os.path.join(run, "metrics.jsonl")):
                     raise loading.UsageError(f"{run!r} holds no metrics.jsonl")
@@ -471,6 +472,7 @@ def main(argv=None):
             raise loading.UsageError("give both --teacher and --student, or neither (the toy pair)")
         if args.prompts < 1 or args.samples_per_prompt < 1:
             raise loading.UsageError("--prompts and --samples-per-prompt must be at least 1")
+        loading.check_writable(args.output_dir)
         analyze(args)
     except loading.UsageError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -105,3 +105,10 @@ def test_bad_input(tmp_path):
     r = subprocess.run([sys.executable, os.path.join(REPO, "tip.py"), "plot", str(tmp_path)],
                        capture_output=True, text=True)
     assert r.returncode == 2 and "holds no metrics.jsonl" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_analysis_refuses_a_non_writable_output_dir(tmp_path):
+    (tmp_path / "afile").write_text("x")
+    r = subprocess.run([sys.executable, os.path.join(REPO, "tip.py"), "--output-dir",
+                        str(tmp_path / "afile" / "out")], capture_output=True, text=True)
+    assert r.returncode == 2 and "is not writable" in r.stderr and "Traceback" not in r.stderr
