@@ -55,7 +55,7 @@ from loading import (UsageError, check_same_tokenizer, check_writable, encode_pr
                      find_prompt_field, load_model, load_records, load_tokenizer, looks_like_path,
                      resolve_device, resolve_dtype)
 from parallel import (all_reduce_sum, clip_grad_norm, distributed, gather, setup_distributed,
-                      shard, world_size)
+                      shard, teardown, world_size)
 
 PAPER_DEFAULTS = dict(dataset="BytedTsinghua-SIA/DAPO-Math-17k", lr=1e-6, steps=200,
                       prompts_per_step=8, samples_per_prompt=16, max_new_tokens=8192,
@@ -608,7 +608,7 @@ def main(argv=None):
     try:
         validate(args)
         args = resolve_defaults(args)
-        student, tokenizer, history = train(args)
+        _, _, history = train(args)
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
@@ -620,8 +620,7 @@ def main(argv=None):
               "--samples-per-prompt or --max-new-tokens (or --generation-batch-size if it "
               "happened while sampling)", file=sys.stderr)
         sys.exit(1)
-    if distributed():
-        torch.distributed.destroy_process_group()
+    teardown()
     if int(os.environ.get("RANK", 0)) != 0:
         return
     evals = [r for r in history if any(k.startswith("eval/") for k in r)]

@@ -58,6 +58,19 @@ def setup_distributed(device_name):
     return torch.distributed.get_rank(), world
 
 
+def teardown():
+    """Leave the process group: wait for every rank, free what still holds the group (sharded
+    models keep it through their device mesh), then destroy it. Destroying it while a sharded
+    model is alive can abort the process at exit ("terminate called without an active
+    exception"), after all the work is done. No-op without torchrun."""
+    if not distributed():
+        return
+    import gc
+    torch.distributed.barrier()
+    gc.collect()
+    torch.distributed.destroy_process_group()
+
+
 def shard(model):
     """FSDP2: shard each decoder layer across ranks. Embeddings, the final norm and the lm_head
     stay whole on every rank, because the statistics and the chunked loss use the lm_head weight

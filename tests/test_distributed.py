@@ -56,7 +56,8 @@ def worker(rank, world, port, pair, out):
     selected = [None] * world
     if world > 1:
         torch.distributed.all_gather_object(selected, mine)
-        torch.distributed.destroy_process_group()
+        del student, teacher, optimizer
+        parallel.teardown()
     else:
         selected = [mine]
     if rank == 0:
