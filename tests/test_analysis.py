@@ -1,4 +1,4 @@
-"""The quadrant analysis of tip.py: tables against direct computation, and its files."""
+"""The quadrant analysis (`python tip.py`, analysis.py): tables against direct computation, and its files."""
 import os
 import re
 import subprocess
@@ -7,6 +7,7 @@ import sys
 import pytest
 import torch
 
+import analysis
 import tip
 from helpers import make_tiny_pair, write_jsonl
 
@@ -44,7 +45,7 @@ def test_quadrant_table_matches_direct_computation():
 def test_coverage_table_matches_direct_computation():
     stats, mask = fixed_batch()
     _, _, stats = tip.quadrant_table(stats, mask)
-    rows = tip.coverage_table(stats, mask, ["soft-or", "entropy-topk"], [0.5], seed=0)
+    rows = analysis.coverage_table(stats, mask, ["soft-or", "entropy-topk"], [0.5], seed=0)
     import selection
     for row in rows:
         kept, _ = selection.select(row["rule"], stats, mask, 0.5)
@@ -56,7 +57,7 @@ def test_coverage_table_matches_direct_computation():
 
 
 @pytest.fixture(scope="module")
-def analysis(tmp_path_factory):
+def cli_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("analysis")
     teacher, student = make_tiny_pair(root)
     data = write_jsonl(root / "p.jsonl", [{"problem": f"{a}+{a}=?"} for a in range(5)])
@@ -69,8 +70,8 @@ def analysis(tmp_path_factory):
     return r, out
 
 
-def test_analysis_cli_prints_tables_and_writes_files(analysis):
-    r, out = analysis
+def test_analysis_cli_prints_tables_and_writes_files(cli_run):
+    r, out = cli_run
     assert "| Q3 low h, high δ |" in r.stdout and "| soft-or | 0.500 |" in r.stdout
     from PIL import Image
     assert Image.open(out / "quadrants.png").size == (800, 800)
@@ -96,7 +97,7 @@ def test_plot_handles_runs_with_and_without_eval(tmp_path):
     r = subprocess.run([sys.executable, os.path.join(REPO, "tip.py"), "plot", str(tmp_path / "a"),
                         "--output", str(tmp_path / "one.png")], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
-    tip.plot_runs([tmp_path / "a", tmp_path / "b"], tmp_path / "two.png")
+    analysis.plot_runs([tmp_path / "a", tmp_path / "b"], tmp_path / "two.png")
     assert Image.open(tmp_path / "one.png").size == (1200, 800)
     assert os.path.getsize(tmp_path / "two.png") > os.path.getsize(tmp_path / "one.png")
 

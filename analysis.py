@@ -1,0 +1,258 @@
+"""The quadrant analysis: where is the learning signal of a teacher/student pair? (`python tip.py`)
+
+    python tip.py                                       # the toy pair on its held-out problems
+    python tip.py --teacher Qwen/Qwen3-4B --student Qwen/Qwen3-0.6B --dataset HuggingFaceH4/MATH-500
+    python tip.py plot runs/A runs/B --output curves.png
+
+Samples rollouts with distill.py's sampling code, computes every response token's statistics with
+tip.py, and prints (1) the quadrant table: share of tokens and of the reverse-KL mass, mean h and δ,
+the thresholds used; (2) the rule-coverage table: for each rule at keep 0.5 / 0.2 / 0.1, the
+fraction of each quadrant it keeps and of the KL mass. Writes quadrants.png (ĥ × δ̂ scatter with
+marginals), coverage.png (the coverage table as bars) and tokens.html (rollouts coloured by
+quadrant, a tooltip per token; self-contained, readable offline). `plot` draws distill.py's
+metrics.jsonl curves of several runs into one PNG. matplotlib runs headless (Agg).
+
+The math is tip.py's and the rules are selection.py's: nothing here computes a divergence.
+"""
+import argparse
+import html
+import json
+import os
+import sys
+
+import matplotlib
+matplotlib.use("Agg")  # headless: no display needed
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+
+import distill  # noqa: E402
+import loading  # noqa: E402
+import selection  # noqa: E402
+from tip import QUADRANTS, quadrant_table, to_padded, token_stats  # noqa: E402
+
+
+def coverage_table(stats, mask, rules, keeps, seed=0):
+    """For each rule and keep ratio: the fraction of each quadrant's tokens that the rule keeps
+    and the fraction of the total reverse-KL mass it keeps. `stats` as returned by quadrant_table."""
+    rows, total_kl = [], stats["reverse_kl"][mask].sum().clamp_min(1e-12)
+    for rule in rules:
+        for keep in keeps:
+            kept, _ = selection.select(rule, stats, mask, keep, torch.Generator().manual_seed(seed))
+            row = {"rule": rule, "keep": keep,
+                   "kl_kept": (stats["reverse_kl"][kept].sum() / total_kl).item()}
+            for q in QUADRANTS:
+                in_q = stats["quadrant"] == q
+                row[f"q{q}_kept"] = ((kept & in_q).sum() / in_q.sum().clamp_min(1)).item()
+            rows.append(row)
+    return rows
+
+
+def markdown(rows, columns):
+    """A markdown table of dict rows: floats with 3 decimals."""
+    fmt = lambda v: f"{v:.3f}" if isinstance(v, float) else str(v)  # noqa: E731
+    return "\n".join(["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+                     + ["| " + " | ".join(fmt(r[c]) for c in columns) + " |" for r in rows])
+
+
+COLORS = {1: "#d62728", 2: "#ff9f1c", 3: "#7b2cbf", 4: "#2a9d8f"}  # Q1 red .. Q4 teal
+
+
+def plot_quadrants(stats, mask, thresholds, path):
+    """Scatter of ĥ vs δ̂ coloured by quadrant, threshold lines, log-count marginal histograms."""
+    h, d, q = stats["h_hat"][mask].numpy(), stats["d_hat"][mask].numpy(), stats["quadrant"][mask].numpy()
+    fig = plt.figure(figsize=(8, 8), dpi=100)
+    grid = fig.add_gridspec(2, 2, width_ratios=(4, 1), height_ratios=(1, 4), hspace=0.05, wspace=0.05)
+    ax = fig.add_subplot(grid[1, 0])
+    top, right = fig.add_subplot(grid[0, 0], sharex=ax), fig.add_subplot(grid[1, 1], sharey=ax)
+    for k, name in QUADRANTS.items():
+        ax.scatter(h[q == k], d[q == k], s=6, alpha=0.5, color=COLORS[k],
+                   label=f"{name} ({(q == k).mean():.0%})")
+    ax.axvline(thresholds[0], color="k", lw=0.8, ls="--")
+    ax.axhline(thresholds[1], color="k", lw=0.8, ls="--")
+    ax.set_xlabel("ĥ: normalised student entropy")
+    ax.set_ylabel("δ̂: normalised reverse KL(P_S ‖ P_T)")
+    ax.legend(loc="upper right", fontsize=8, markerscale=2)
+    top.hist(h, bins=50, color="0.4", log=True)
+    right.hist(d, bins=50, color="0.4", log=True, orientation="horizontal")
+    top.tick_params(labelbottom=False)
+    right.tick_params(labelleft=False)
+    top.set_title(f"{len(h)} response tokens; dashed: thresholds {thresholds[0]:.3f}, {thresholds[1]:.3f}")
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def plot_coverage(rows, path):
+    """The rule-coverage table as grouped bars: per rule@keep, the share of each quadrant kept."""
+    fig, ax = plt.subplots(figsize=(12, 5), dpi=100)
+    labels, width = [f"{r['rule']}@{r['keep']:g}" for r in rows], 0.18
+    for j, q in enumerate(QUADRANTS):
+        ax.bar([i + (j - 1.5) * width for i in range(len(rows))], [r[f"q{q}_kept"] for r in rows],
+               width, color=COLORS[q], label=QUADRANTS[q])
+    ax.plot(range(len(rows)), [r["kl_kept"] for r in rows], "k.", label="share of KL mass kept")
+    ax.set_xticks(range(len(rows)), labels, rotation=60, ha="right", fontsize=8)
+    ax.set_ylabel("fraction kept")
+    ax.set_ylim(0, 1.05)
+    ax.legend(fontsize=8, ncol=5, loc="upper center", bbox_to_anchor=(0.5, 1.13))
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def tokens_html(rollouts, stats, mask, tokenizer, limit=6):
+    """A self-contained page: each response token's background is its quadrant's colour, and its
+    tooltip gives h, δ, forward KL and both models' top-1 token with its probability."""
+    name = lambda i: html.escape(repr(tokenizer.decode([int(i)]))[1:-1])  # noqa: E731
+    parts = ["<!doctype html><meta charset='utf-8'><title>TIP quadrants</title><style>body{font:"
+             "14px monospace;max-width:60em}span{white-space:pre-wrap}</style><p>"
+             + " ".join(f"<span style='background:{COLORS[q]}55'>{QUADRANTS[q]}</span>" for q in QUADRANTS)
+             + "</p>"]
+    for b in range(min(limit, len(rollouts.responses))):
+        cols = mask[b].nonzero().flatten().tolist()
+        parts.append(f"<h3>rollout {b}</h3><p>{html.escape(tokenizer.decode(rollouts.prompts[b]))}</p><p>")
+        for t, col in zip(rollouts.responses[b], cols):
+            s = {k: v[b, col].item() for k, v in stats.items()}
+            tip_text = (f"h={s['entropy_norm']:.3f} δ={s['reverse_kl']:.3f} fwdKL={s['forward_kl']:.3f}"
+                        f" | student top-1 {name(s['student_top1'])} p={s['student_top1_p']:.2f}"
+                        f" | teacher top-1 {name(s['teacher_top1'])} p={s['teacher_top1_p']:.2f}")
+            parts.append(f"<span class='q{int(s['quadrant'])}' style='background:"
+                         f"{COLORS[int(s['quadrant'])]}55' title='{tip_text}'>"
+                         f"{html.escape(tokenizer.decode([t]))}</span>")
+        parts.append("</p>")
+    return "".join(parts)
+
+
+def plot_runs(run_dirs, path):
+    """Training curves of distill.py runs, overlaid: loss, mean reverse KL, kept share per
+    quadrant, and eval scores where the run has them."""
+    fig, axes = plt.subplots(2, 2, figsize=(12, 8), dpi=100)
+    for run in run_dirs:
+        records = [json.loads(line) for line in open(os.path.join(run, "metrics.jsonl"))]
+        steps = [r for r in records if "loss" in r]
+        label = os.path.basename(os.path.normpath(run))
+        x = [r["step"] for r in steps]
+        axes[0, 0].plot(x, [r["loss"] for r in steps], label=label)
+        axes[0, 1].plot(x, [r["reverse_kl"] for r in steps], label=label)
+        for q in QUADRANTS:
+            axes[1, 0].plot(x, [r[f"q{q}_kept_share"] for r in steps], color=COLORS[q],
+                            label=f"{label} Q{q}", alpha=0.8)
+        evals = [(r["step"], k, v) for r in records for k, v in r.items() if k.startswith("eval/")]
+        for key in sorted({k for _, k, _ in evals}):
+            pts = [(s, v) for s, k, v in evals if k == key]
+            axes[1, 1].plot(*zip(*pts), "o-", label=f"{label} {key[5:]}")
+    titles = ("loss (kept tokens)", "mean reverse KL, all response tokens",
+              "share of kept tokens per quadrant", "evaluation score")
+    for ax, title in zip(axes.flat, titles):
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        if ax.has_data():
+            ax.legend(fontsize=7)
+        else:
+            ax.text(0.5, 0.5, "no records", ha="center", transform=ax.transAxes)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+@torch.no_grad()
+def collect(teacher, student, tokenizer, prompts, samples_per_prompt, max_new_tokens, chunk_size=512,
+            batch_size=16):
+    """Sample rollouts from the student (distill.py's sampling) and compute every response token's
+    statistics. Returns (rollouts, stats of (B, L) tensors, loss mask (B, L))."""
+    rollouts = distill.sample(student, tokenizer, prompts, samples_per_prompt, max_new_tokens,
+                              batch_size=batch_size, progress=True)
+    ids, attn, mask = distill.collate(rollouts.prompts, rollouts.responses, distill.pad_id(tokenizer))
+    device = next(student.parameters()).device
+    flat = []
+    for i in range(0, len(ids), batch_size):
+        part = [t[i:i + batch_size].to(device) for t in (ids, attn, mask)]
+        h_s = distill.hidden_states(student, part[0], part[1])[part[2]]  # (n, D_s)
+        h_t = distill.hidden_states(teacher, part[0], part[1])[part[2]]  # (n, D_t)
+        flat.append(token_stats(h_s, distill.lm_head(student), h_t, distill.lm_head(teacher), chunk_size))
+    stats = to_padded({k: torch.cat([f[k] for f in flat]).cpu() for k in flat[0]}, mask)
+    return rollouts, stats, mask
+
+
+def analyze(args):
+    """The analysis CLI: tables on stdout; quadrants.png, coverage.png, tokens.html on disk."""
+    if args.teacher is None:
+        import toy
+        try:
+            args.teacher, args.student = toy.build()
+        except (FileExistsError, PermissionError) as e:
+            raise loading.UsageError(f"cannot build the toy pair: {e}")
+        args.dataset = args.dataset or toy.split_path("heldout")
+    device, _ = loading.resolve_device(args.device)
+    dtype, _ = loading.resolve_dtype(args.dtype, device)
+    records = loading.load_records(args.dataset, args.split)
+    field = loading.find_prompt_field(records, args.prompt_field)
+    tokenizer = loading.load_tokenizer(args.student)
+    loading.check_same_tokenizer(loading.load_tokenizer(args.teacher), tokenizer)
+    prompts, _ = loading.encode_prompts(tokenizer, records[:args.prompts], field, args.max_prompt_length)
+    teacher = loading.load_model(args.teacher, device, dtype).eval()
+    student = loading.load_model(args.student, device, dtype).eval()
+    torch.manual_seed(args.seed)
+    rollouts, stats, mask = collect(teacher, student, tokenizer, prompts, args.samples_per_prompt,
+                                    args.max_new_tokens, args.chunk_size)
+    rows, thresholds, stats = quadrant_table(stats, mask, args.h_threshold, args.d_threshold)
+    print(f"{int(mask.sum())} response tokens from {len(rollouts.responses)} rollouts; thresholds "
+          f"ĥ > {thresholds[0]:.4f}, δ̂ > {thresholds[1]:.4f}\n")
+    print(markdown(rows, ["quadrant", "share", "kl_share", "mean_h", "mean_kl"]) + "\n")
+    rules = [r for r in selection.RULES if r != "all"]
+    coverage = coverage_table(stats, mask, rules, (0.5, 0.2, 0.1), args.seed)
+    print(markdown(coverage, ["rule", "keep", "q1_kept", "q2_kept", "q3_kept", "q4_kept", "kl_kept"]))
+    os.makedirs(args.output_dir, exist_ok=True)
+    plot_quadrants(stats, mask, thresholds, os.path.join(args.output_dir, "quadrants.png"))
+    plot_coverage(coverage, os.path.join(args.output_dir, "coverage.png"))
+    with open(os.path.join(args.output_dir, "tokens.html"), "w") as f:
+        f.write(tokens_html(rollouts, stats, mask, tokenizer))
+    print(f"\nwrote quadrants.png, coverage.png, tokens.html in {args.output_dir}")
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        if argv[:1] == ["plot"]:
+            p = argparse.ArgumentParser(prog="tip.py plot", description="Training curves of runs.")
+            p.add_argument("runs", nargs="+", help="distill.py output folders (with metrics.jsonl)")
+            p.add_argument("--output", default="curves.png", help="PNG to write")
+            args = p.parse_args(argv[1:])
+            loading.check_writable(os.path.dirname(os.path.abspath(args.output)), "--output")
+            for run in args.runs:
+                if not os.path.isfile(os.path.join(run, "metrics.jsonl")):
+                    raise loading.UsageError(f"{run!r} holds no metrics.jsonl")
+            plot_runs(args.runs, args.output)
+            print(f"wrote {args.output}")
+            return
+        p = argparse.ArgumentParser(description="Where is the learning signal? Quadrant analysis "
+                                    "of a teacher/student pair (default: the toy pair). "
+                                    "`python tip.py plot RUN_DIR...` draws training curves.")
+        p.add_argument("--teacher", help="HF id or local directory (default: the toy pair)")
+        p.add_argument("--student", help="HF id or local directory (default: the toy pair)")
+        p.add_argument("--dataset", help="HF id or local file (default: the toy held-out split)")
+        p.add_argument("--split", default="test", help="dataset split (hub datasets)")
+        p.add_argument("--prompt-field", help="prompt column (default: auto-detect)")
+        p.add_argument("--prompts", type=int, default=32, help="prompts to sample from")
+        p.add_argument("--samples-per-prompt", type=int, default=4, help="rollouts per prompt")
+        p.add_argument("--max-new-tokens", type=int, default=256, help="maximum response length")
+        p.add_argument("--max-prompt-length", type=int, default=1024, help="longer prompts skipped")
+        p.add_argument("--h-threshold", type=float, help="ĥ threshold (default: batch median)")
+        p.add_argument("--d-threshold", type=float, help="δ̂ threshold (default: batch median)")
+        p.add_argument("--chunk-size", type=int, default=512, help="rows per lm_head chunk")
+        p.add_argument("--output-dir", default="analysis", help="where the pictures go")
+        p.add_argument("--seed", type=int, default=0, help="sampling and selection seed")
+        p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+        p.add_argument("--dtype", default="auto", help="auto, float32 or bfloat16")
+        args = p.parse_args(argv)
+        if (args.teacher is None) != (args.student is None):
+            raise loading.UsageError("give both --teacher and --student, or neither (the toy pair)")
+        if args.prompts < 1 or args.samples_per_prompt < 1:
+            raise loading.UsageError("--prompts and --samples-per-prompt must be at least 1")
+        loading.check_writable(args.output_dir)
+        analyze(args)
+    except loading.UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
