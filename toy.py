@@ -3,7 +3,7 @@ Qwen3 models trained on the CPU, so that `python distill.py` distils a real stud
 
     python toy.py                     # build teacher + student once (~2.5 min on 2 CPU cores)
     python toy.py --cache-dir DIR     # build elsewhere (or set TIP_TOY_CACHE); --force rebuilds
-    python toy.py sweep               # every rule x keep x 3 seeds -> sweep/table.md, sweep.png
+    python toy.py sweep               # the paper's table in miniature: sweep.py
 
 Contract (what the other files import):
   make_problems(n, seed)            n distinct items {"problem", "solution", "answer"}
@@ -14,7 +14,6 @@ Contract (what the other files import):
   split_path(name), load_split(..)  the "train" / "heldout" JSONL splits that build() wrote
   greedy_accuracy(model, tok, ..)   the toy's own quick check; evaluate.py does the real grading
   DISTILL_DEFAULTS                  the laptop settings of `python distill.py` on the toy pair
-  sweep(output_dir, steps, seeds)   the paper's table in miniature (SWEEP: rule, keep pairs)
 
 The task is shaped like MATH: a question, a short worked solution, a final `\\boxed{answer}`. Each
 item adds two three-digit numbers column by column from the right, carrying as in school, and the
@@ -48,14 +47,14 @@ import os
 import random
 import re
 import shutil
+import sys
 import tempfile
 import time
 
 import torch
 from tokenizers import Tokenizer, decoders, models
 from tqdm import tqdm
-from transformers import (AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast,
-                          Qwen3Config, Qwen3ForCausalLM)
+from transformers import PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
 
 # The prompt is loading.py's (problem + INSTRUCTION in the chat template), so the toy models are
 # trained on exactly the text that distill.py and evaluate.py feed them.
@@ -308,122 +307,27 @@ def build(cache_dir=None, seed=0, force=False, quick=False):
     return dirs
 
 
-# ---------------------------------------------------------------------------------------------
-# The paper's table in miniature: every rule at its keep ratios, several seeds
-# ---------------------------------------------------------------------------------------------
-
-LR = 5e-4  # the sweep's runs are shorter than the default run: a gentler peak lr
-SWEEP = [("all", 1.0), ("entropy", 0.5), ("entropy", 0.2), ("entropy-topk", 0.5),
-         ("entropy-topk", 0.2), ("soft-or", 0.5), ("soft-or", 0.2), ("q3", 0.2), ("q3", 0.1),
-         ("divergence", 0.2), ("divergence", 0.1), ("soft-or-bottom", 0.5), ("random", 0.5)]
-
-
-def sweep(output_dir, steps, seeds, cache_dir=None):
-    """Distil the same toy student under each (rule, keep) of SWEEP for `steps` steps and each
-    seed; write results.json, table.md and sweep.png into output_dir. Returns the table rows."""
-    import statistics
-    import distill
-    import evaluate
-    teacher_dir, student_dir = build(cache_dir)
-    tokenizer = AutoTokenizer.from_pretrained(student_dir)
-    start = evaluate.evaluate_benchmark(AutoModelForCausalLM.from_pretrained(student_dir), tokenizer,
-                                        "toy", max_new_tokens=DISTILL_DEFAULTS["max_new_tokens"])
-    runs = []
-    for rule, keep in SWEEP:
-        for seed in seeds:
-            args = distill.parse_args(["--teacher", teacher_dir, "--student", student_dir,
-                                       "--dataset", split_path("train", cache_dir), "--rule", rule,
-                                       "--keep", str(keep), "--steps", str(steps), "--seed", str(seed),
-                                       "--eval-every", str(steps), "--no-eval-before",
-                                       "--eval-benchmarks", "toy", "--lr", str(LR),
-                                       "--prompts-per-step", "4", "--output-dir",
-                                       os.path.join(output_dir, f"{rule}-{keep:g}-seed{seed}")])
-            for name, value in DISTILL_DEFAULTS.items():
-                if name != "steps" and getattr(args, name) is None:
-                    setattr(args, name, value)
-            args.toy = False
-            _, _, history = distill.train(args)
-            runs.append({"rule": rule, "keep": keep, "seed": seed,
-                         "accuracy": history[-1]["eval/toy/mean@1"],
-                         "tokens_trained": sum(r["kept_tokens"] for r in history if "kept_tokens" in r),
-                         "peak_memory_bytes": max(r["peak_memory_bytes"] for r in history
-                                                  if "peak_memory_bytes" in r)})
-            print(f"sweep: {rule}@{keep:g} seed {seed}: {100 * runs[-1]['accuracy']:.1f}%", flush=True)
-    rows = []
-    for rule, keep in SWEEP:
-        mine = [r for r in runs if (r["rule"], r["keep"]) == (rule, keep)]
-        acc = [100 * r["accuracy"] for r in mine]
-        rows.append({"rule": rule, "keep": keep, "accuracy": statistics.mean(acc),
-                     "std": statistics.stdev(acc) if len(acc) > 1 else 0.0,
-                     "tokens_trained": statistics.mean(r["tokens_trained"] for r in mine),
-                     "peak_memory_gib": max(r["peak_memory_bytes"] for r in mine) / 2**30})
-    table = (f"Toy student before distillation: {100 * start['mean']:.1f}% held-out accuracy (greedy); "
-             f"{steps} steps per run, seeds {', '.join(map(str, seeds))}.\n\n"
-             "| rule | keep | held-out accuracy % (mean ± std) | tokens trained | peak RSS GiB * |\n"
-             "|---|---|---|---|---|\n" + "\n".join(
-                 f"| {r['rule']} | {r['keep']:g} | {r['accuracy']:.1f} ± {r['std']:.1f} | "
-                 f"{r['tokens_trained']:.0f} | {r['peak_memory_gib']:.2f} |" for r in rows)
-             + "\n\n* the peak RSS of the one process that runs every configuration in turn: it grows "
-             "from run to run, so it says nothing about the rule; bench.py measures memory per rule.")
-    with open(os.path.join(output_dir, "results.json"), "w") as f:
-        json.dump({"start_accuracy": start["mean"], "steps": steps, "seeds": seeds, "runs": runs,
-                   "rows": rows}, f, indent=1)
-    with open(os.path.join(output_dir, "table.md"), "w") as f:
-        f.write(table + "\n")
-    plot_sweep(rows, 100 * start["mean"], os.path.join(output_dir, "sweep.png"))
-    print(table)
-    return rows
-
-
-def plot_sweep(rows, start, path):
-    """Held-out accuracy per rule@keep (mean ± std over seeds), the starting student dashed."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(10, 4.5), dpi=100)
-    labels = [f"{r['rule']}@{r['keep']:g}" for r in rows]
-    ax.bar(range(len(rows)), [r["accuracy"] for r in rows], yerr=[r["std"] for r in rows],
-           color=["0.3" if r["rule"] == "all" else "tab:blue" for r in rows], capsize=3)
-    ax.axhline(start, color="tab:red", ls="--", label=f"student before: {start:.1f}%")
-    ax.set_xticks(range(len(rows)), labels, rotation=45, ha="right")
-    ax.set_ylabel("held-out accuracy % (greedy)")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-
-
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Build the toy teacher/student pair.")
-    # One positional command, so that more (e.g. a sweep) can join "build" later.
-    p.add_argument("command", nargs="?", default="build", choices=["build", "sweep"],
-                   help="build: train and save the pair, or reuse a valid cache; sweep: distil "
-                   "the student under every rule of SWEEP (the paper's table in miniature)")
-    p.add_argument("--steps", type=int, default=100, help="sweep: optimizer steps per run")
-    p.add_argument("--seeds", default="0,1,2", help="sweep: comma-separated distillation seeds")
-    p.add_argument("--output-dir", default="sweep", help="sweep: where runs and the table go")
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["sweep"]:  # the rule sweep on this pair lives in sweep.py
+        import sweep
+        return sweep.main(argv[1:])
+    p = argparse.ArgumentParser(description="Build the toy teacher/student pair "
+                                "(`python toy.py sweep --help`: the rule sweep).")
+    p.add_argument("command", nargs="?", default="build", choices=["build"],
+                   help="build: train and save the pair, or reuse a valid cache")
     p.add_argument("--cache-dir", default=None, help="cache folder (default: $TIP_TOY_CACHE, "
                    "else .cache/toy next to toy.py)")
     p.add_argument("--seed", type=int, default=0, help="seed of the splits, weights and batches")
     p.add_argument("--force", action="store_true", help="rebuild even if the cache is valid")
     args = p.parse_args(argv)
-    try:
-        seeds = [int(x) for x in args.seeds.split(",")]
-    except ValueError:
-        p.exit(2, f"error: --seeds must be comma-separated integers, got {args.seeds!r}\n")
-    if args.steps < 1:
-        p.exit(2, "error: --steps must be at least 1\n")
     cache_dir = os.path.abspath(args.cache_dir or default_cache_dir())
-    print(f"toy: {args.command} cache_dir={cache_dir} seed={args.seed} force={args.force} "
+    print(f"toy: build cache_dir={cache_dir} seed={args.seed} force={args.force} "
           f"torch_threads={torch.get_num_threads()} settings={json.dumps(SETTINGS)}")
     try:
         teacher_dir, student_dir = build(cache_dir, seed=args.seed, force=args.force)
     except (FileExistsError, PermissionError, NotADirectoryError) as e:
         p.exit(2, f"error: cannot build the toy pair in {cache_dir}: {e}\n")
-    if args.command == "sweep":
-        os.makedirs(args.output_dir, exist_ok=True)
-        sweep(args.output_dir, args.steps, seeds, cache_dir)
-        return
     stamp = read_stamp(cache_dir)  # the numbers of the build, even when it was reused
     acc, s = stamp["heldout_accuracy"], stamp["settings"]
     print(f"toy: greedy held-out accuracy on {s['n_heldout']} problems: teacher "
