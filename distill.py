@@ -32,9 +32,10 @@ Where this departs from the paper, and why:
 - Duplicate prompts in the dataset are dropped; prompts longer than --max-prompt-length are
   skipped and counted, never truncated (loading.py).
 
-Also here: resuming (--resume: weights, optimizer, scheduler, step, RNG; data order and sampling
-are functions of (seed, step)), atomic checkpoints, and torchrun + FSDP2 (parallel.py). Models,
-tokenizers and prompts are loaded by loading.py, which refuses bad input with one line.
+Elsewhere: atomic checkpoints and --resume (checkpoint.py; data order and sampling are functions
+of (seed, step), so a resumed run reproduces the uninterrupted one), torchrun + FSDP2
+(parallel.py), and models, tokenizers and prompts (loading.py, which refuses bad input with one
+line).
 """
 import argparse
 import contextlib
@@ -42,7 +43,6 @@ import dataclasses
 import json
 import math
 import os
-import shutil
 import sys
 import time
 
@@ -54,6 +54,7 @@ import tip
 from loading import (UsageError, check_same_tokenizer, check_writable, encode_prompts,
                      find_prompt_field, load_model, load_records, load_tokenizer, looks_like_path,
                      resolve_device, resolve_dtype)
+from checkpoint import latest_checkpoint, resume, save_checkpoint
 from parallel import (all_reduce_sum, clip_grad_norm, distributed, gather, setup_distributed,
                       shard, teardown, world_size)
 
@@ -326,35 +327,6 @@ def prompt_order(n, step, per_step, seed):
         yield int(perms[j // n][j % n])
 
 
-def save_checkpoint(path, student, tokenizer, optimizer, scheduler, step):
-    """HF-format weights + tokenizer + trainer state, written to `path.tmp` and renamed into place:
-    a kill during the save leaves the previous checkpoint intact and never a half-written one.
-    Every rank must call it: the full (unsharded) state dicts are gathered to rank 0, which writes."""
-    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                         get_optimizer_state_dict)
-    full = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    weights = get_model_state_dict(student, options=full)
-    optimizer_state = get_optimizer_state_dict(student, optimizer, options=full)  # keyed by name
-    if distributed() and torch.distributed.get_rank() != 0:
-        return
-    tmp = path + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    student.save_pretrained(tmp, state_dict=weights)
-    tokenizer.save_pretrained(tmp)
-    torch.save({"step": step, "optimizer": optimizer_state,
-                "scheduler": scheduler.state_dict(), "torch_rng": torch.get_rng_state(),
-                "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
-               os.path.join(tmp, "trainer_state.pt"))
-    os.replace(tmp, path)  # atomic on POSIX: the checkpoint appears whole or not at all
-
-
-def latest_checkpoint(output_dir):
-    """The newest complete checkpoint folder in output_dir, or None (`.tmp` ones are partial)."""
-    names = sorted(n for n in os.listdir(output_dir) if n.startswith("checkpoint-")
-                   and not n.endswith(".tmp")) if os.path.isdir(output_dir) else []
-    return os.path.join(output_dir, names[-1]) if names else None
-
-
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="On-policy distillation with TIP token selection.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -530,19 +502,8 @@ def train(args):
 
     start, history, metrics_path = 0, [], os.path.join(args.output_dir, "metrics.jsonl")
     if checkpoint_dir:  # resume: weights (above), optimizer, scheduler, step, RNG, metrics
-        state = torch.load(os.path.join(checkpoint_dir, "trainer_state.pt"), weights_only=False)
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-        set_optimizer_state_dict(student, optimizer, state["optimizer"],
-                                 options=StateDictOptions(full_state_dict=True))
-        scheduler.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["torch_rng"])
-        start = state["step"]
-        if rank == 0:  # drop lines logged after the checkpoint by the killed run
-            history = [json.loads(line) for line in open(metrics_path) if line.strip()]
-            history = [r for r in history if r["step"] <= start]
-            with open(metrics_path + ".tmp", "w") as f:
-                f.writelines(json.dumps(r) + "\n" for r in history)
-            os.replace(metrics_path + ".tmp", metrics_path)
+        start, history = resume(checkpoint_dir, student, optimizer, scheduler, metrics_path, rank == 0)
+        if rank == 0:
             print(f"resumed from {checkpoint_dir} at step {start}")
     os.makedirs(args.output_dir, exist_ok=True)
     log = open(metrics_path, "a") if rank == 0 else None
