@@ -6,15 +6,18 @@
     python bench.py --json bench.json --plot bench.png
 
 A step is distill.py's steps 2-7 (teacher pass, statistics, selection, loss, backward, AdamW step)
-on B synthetic rollouts of fixed random token ids, the same in every configuration. Three ways to
+on B synthetic rollouts of fixed random token ids, the same in every configuration. Four ways to
 get the loss, each at keep 1.0 (rule `all`) and 0.5 / 0.2 / 0.1 (rule `--rule`):
     naive     for comparison only, and only here: the way most public code does it. The models' own
               forward returns full (B, L, V) logits; statistics and the per-token loss are computed
               over all of them, and the selection only masks the loss at the end.
     gathered  distill.py's pieces: hidden states, statistics chunk by chunk, `lm_head` only at the
               N kept positions, but in one chunk whose (N, V) logits stay alive until backward.
+    recompute `--chunk-size` kept rows at a time, each chunk under activation checkpointing: its
+              logits are rebuilt in backward (both models' projections run twice).
     chunked   distill.py's real path, `distill.opd_step`: `--chunk-size` kept rows at a time, each
-              chunk's logits recomputed in backward. Also run with activation checkpointing.
+              chunk's logits built once and turned into the gradient in the forward
+              (tip.chunked_divergence). Also run with activation checkpointing of the student.
 
 Each configuration runs in a fresh process (a child of a forkserver that imported torch once and
 never ran a torch op), so no allocation of one configuration counts in the next one's peak.
@@ -65,7 +68,7 @@ PRESETS = {
         student=dict(hidden=1024, layers=28, heads=16, kv_heads=8, head_dim=128, intermediate=3072),
         vocab=151_936, batch=8, prompt_length=128, response_length=1024, chunk_size=512),
 }
-PATHS = ("naive", "gathered", "chunked")
+PATHS = ("naive", "gathered", "recompute", "chunked")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -95,7 +98,7 @@ def make_rollouts(batch, prompt_length, response_length, vocab, seed):
 
 
 # ---------------------------------------------------------------------------------------------
-# Three ways to do steps 2-6. Each returns (loss per kept token, kept tokens), gradients filled.
+# Four ways to do steps 2-6. Each returns (loss per kept token, kept tokens), gradients filled.
 # ---------------------------------------------------------------------------------------------
 
 def _batch(student, rollouts, cfg):
@@ -132,9 +135,9 @@ def naive_forward_backward(student, teacher, rollouts, cfg, generator):
     return loss.item(), n_kept
 
 
-def gathered_forward_backward(student, teacher, rollouts, cfg, generator):
-    """distill.opd_step for one micro-batch, except that the kept rows go through `lm_head` in a
-    single chunk with no recomputation: their (N, V) logits live until backward."""
+def _kept_rows_forward_backward(student, teacher, rollouts, cfg, generator, loss_of_kept_rows):
+    """distill.opd_step for one micro-batch, with the loss on the kept rows taken by the given
+    function (hidden states, heads) -> summed loss."""
     autocast, (ids, attn, mask) = _batch(student, rollouts, cfg)
     ws, wt = distill.lm_head(student), distill.lm_head(teacher)  # (V, D_s), (V, D_t)
     with torch.no_grad(), autocast:
@@ -145,10 +148,37 @@ def gathered_forward_backward(student, teacher, rollouts, cfg, generator):
     kept, _ = selection.select(cfg.rule, stats, mask, cfg.keep, generator)  # (B, L) bool
     n_kept = max(int(kept.sum()), 1)
     with autocast:
-        loss_sum = distill.selected_loss(h_s[kept], ws, h_t[kept], wt, cfg.loss, cfg.beta,
-                                         chunk_size=n_kept, recompute=False)
+        loss_sum = loss_of_kept_rows(h_s[kept], ws, h_t[kept], wt)  # (,)
     (loss_sum / n_kept).backward()
     return loss_sum.item() / n_kept, n_kept
+
+
+def gathered_forward_backward(student, teacher, rollouts, cfg, generator):
+    """The kept rows go through `lm_head` in one chunk, plain autograd: their (N, V) logits live
+    until backward."""
+    return _kept_rows_forward_backward(student, teacher, rollouts, cfg, generator, lambda hs, ws, ht, wt:
+                                       distill.selected_loss(hs, ws, ht, wt, cfg.loss, cfg.beta,
+                                                             chunk_size=hs.shape[0], fused=False))
+
+
+def _chunk_loss(hs, ws, ht, wt, loss, beta):
+    zs = hs @ ws.T  # (n, V), with gradients
+    with torch.no_grad():
+        zt = ht @ wt.T  # (n, V)
+    return tip.divergence(loss, zs, zt, beta).sum()
+
+
+def recompute_forward_backward(student, teacher, rollouts, cfg, generator):
+    """`--chunk-size` kept rows at a time under activation checkpointing: the forward keeps only
+    each chunk's inputs, and backward projects the chunk again (both models) to rebuild its
+    logits. Bounded memory like `chunked`, at the price of a second pass over the vocabulary."""
+    from torch.utils.checkpoint import checkpoint
+
+    def loss(hs, ws, ht, wt):
+        return sum(checkpoint(_chunk_loss, hs[i:i + cfg.chunk_size], ws, ht[i:i + cfg.chunk_size],
+                              wt, cfg.loss, cfg.beta, use_reentrant=False)
+                   for i in range(0, hs.shape[0], cfg.chunk_size))
+    return _kept_rows_forward_backward(student, teacher, rollouts, cfg, generator, loss)
 
 
 def chunked_forward_backward(student, teacher, rollouts, cfg, generator):
@@ -158,7 +188,7 @@ def chunked_forward_backward(student, teacher, rollouts, cfg, generator):
 
 
 FORWARD_BACKWARD = {"naive": naive_forward_backward, "gathered": gathered_forward_backward,
-                    "chunked": chunked_forward_backward}
+                    "recompute": recompute_forward_backward, "chunked": chunked_forward_backward}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -190,7 +220,7 @@ def setup(spec):
 def measure(spec):
     """Warm-up steps, then measured steps: one row of the table."""
     device, teacher, student, optimizer, rollouts, cfg = setup(spec)
-    peaks, step_peaks, seconds = [], [], []
+    peaks, step_peaks, seconds, first_loss = [], [], [], None
     for i in range(spec["warmup"] + spec["steps"]):
         generator = torch.Generator().manual_seed(spec["seed"] + i)  # same selection on each path
         baseline = distill.start_memory_window(device)
@@ -270,7 +300,7 @@ def plot(rows, path):
         ax.set(xlabel="keep ratio", ylabel=ylabel, ylim=(0, None))
         ax.grid(alpha=0.3)
     axes[0].legend()
-    fig.suptitle("one OPD step: naive full logits, gathered, gathered + chunked recompute")
+    fig.suptitle("one OPD step: naive full logits, gathered, chunked + recompute, chunked (fused)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
@@ -339,7 +369,7 @@ def main(argv=None):
         r = pool.submit(measure, spec).result()
         rows.append(r)
         ckpt = "on " if r["gradient_checkpointing"] else "off"
-        print(f"  {r['path']:8s} keep {r['keep']:<4g} ckpt {ckpt} | peak {r['peak_memory_bytes'] / 2**20:6.0f} MiB | step peak "
+        print(f"  {r['path']:9s} keep {r['keep']:<4g} ckpt {ckpt} | peak {r['peak_memory_bytes'] / 2**20:6.0f} MiB | step peak "
               f"{r['step_peak_bytes'] / 2**20:6.0f} MiB | {r['step_seconds']:.3g} s", flush=True)
     pool.shutdown()
     add_ratios(rows)

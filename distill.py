@@ -11,7 +11,8 @@ One optimizer step (../shared/TIP.md has the method, equations and the paper's n
                    at every response position, the normalised axes ĥ, δ̂ and the quadrants (tip.py).
     5. Select      the rule keeps max(1, ⌊keep·m⌋) positions of each rollout (selection.py).
     6. Loss        only the kept positions go through the two `lm_head`s, `chunk_size` rows at a
-                   time, each chunk recomputed in backward, so memory does not grow with (N × V).
+                   time, each chunk's gradient formed on the spot (tip.chunked_divergence), so
+                   memory does not grow with (N × V).
     7. Step        AdamW, cosine schedule, grad-norm clip 1.0; a non-finite grad norm skips.
     8. Log         one line per step, the same record in <output-dir>/metrics.jsonl.
 Steps 2-6 run per micro-batch of `--micro-batch-size` rollouts with gradient accumulation.
@@ -47,7 +48,6 @@ import sys
 import time
 
 import torch
-from torch.utils.checkpoint import checkpoint
 
 import selection
 import tip
@@ -162,34 +162,28 @@ def lm_head(model):
 
 
 # ---------------------------------------------------------------------------------------------
-# 6. The loss on selected positions: chunked, each chunk's logits recomputed in backward
+# 6. The loss on selected positions: chunked, so no (N, V) tensor exists in forward or backward
 # ---------------------------------------------------------------------------------------------
 
-def _chunk_divergence(hs, ws, ht, wt, loss, beta):
-    zs = hs @ ws.T  # (n, V) student logits: the only tensor here that carries gradients
-    with torch.no_grad():
-        zt = ht @ wt.T  # (n, V) teacher logits
-    return tip.divergence(loss, zs, zt, beta)  # (n,) fp32
-
-
 def selected_loss(student_hidden, student_head, teacher_hidden, teacher_head, loss="reverse_kl",
-                  beta=0.5, chunk_size=512, weights=None, recompute=True):
+                  beta=0.5, chunk_size=512, weights=None, fused=True):
     """Σ_t w_t · D(P_S(·|c_t), P_T(·|c_t)) over the N given positions (a sum, not a mean).
 
-    student_hidden (N, D_s) with gradients, teacher_hidden (N, D_t). With `recompute`, each chunk
-    runs under activation checkpointing: the forward keeps only its inputs, and the backward
-    rebuilds that chunk's (chunk, V) logits, so peak memory is one chunk's logits, whatever N.
-    Without it (a bench.py comparison), every chunk's logits stay alive until backward.
+    student_hidden (N, D_s) with gradients, teacher_hidden (N, D_t). `fused` (distill.py's path):
+    tip.chunked_divergence, which builds each chunk's (chunk, V) logits once and turns them into
+    the gradient on the spot, so peak memory is one chunk's logits, whatever N. Without it (a
+    bench.py comparison), plain autograd: every chunk's logits stay alive until backward.
     """
+    if fused:
+        return tip.chunked_divergence(student_hidden, student_head, teacher_hidden, teacher_head,
+                                      loss, beta, chunk_size, weights)
     vocab = min(student_head.shape[0], teacher_head.shape[0])  # common leading rows (TIP.md)
-    ws, wt = student_head[:vocab], teacher_head[:vocab]  # (V, D_s), (V, D_t)
     total = student_hidden.new_zeros((), dtype=torch.float32)
     for i in range(0, student_hidden.shape[0], chunk_size):
-        args = (student_hidden[i:i + chunk_size], ws, teacher_hidden[i:i + chunk_size], wt, loss, beta)
-        if recompute:
-            per_token = checkpoint(_chunk_divergence, *args, use_reentrant=False)  # (n,)
-        else:
-            per_token = _chunk_divergence(*args)  # (n,)
+        zs = student_hidden[i:i + chunk_size] @ student_head[:vocab].T  # (n, V), with gradients
+        with torch.no_grad():
+            zt = teacher_hidden[i:i + chunk_size] @ teacher_head[:vocab].T  # (n, V)
+        per_token = tip.divergence(loss, zs, zt, beta)  # (n,) fp32, Eq. 1
         if weights is not None:
             per_token = per_token * weights[i:i + chunk_size]
         total = total + per_token.sum()

@@ -15,6 +15,7 @@ whatever dtype the models run in.
     forward_kl(zs, zt)      KL(P_T ‖ P_S) = Σ_v P_T (log P_T - log P_S)           (q3's detector)
     generalized_jsd(zs, zt, beta)                                                (a --loss option)
     token_stats(...)        all of the above from hidden states, `chunk_size` rows at a time
+    chunked_divergence(...) the training loss Σ w_t·D_t from hidden states, chunked, with gradient
     normalize_entropy / normalize_divergence                                      (Sections 6, 7.3)
     classify_quadrants      Q1..Q4 of Table 1;  quadrant_summary  shares of tokens and KL mass
 
@@ -135,6 +136,61 @@ def token_stats(student_hidden, student_head, teacher_hidden, teacher_head, chun
     stats = {k: torch.cat(v) if v else student_hidden.new_zeros(0) for k, v in out.items()}
     stats["entropy_norm"] = stats["entropy"] / math.log(vocab)  # h_t in [0, 1] (Eq. 2)
     return stats
+
+
+class _ChunkedDivergence(torch.autograd.Function):
+    """Σ_t w_t · D_t from hidden states, `chunk_size` rows at a time, gradient taken in the forward.
+
+    Each chunk's (n, V) logits are built once: the forward computes D on them, takes dD/dz_S by
+    autograd through `divergence` (the one copy of the loss), and folds it straight into the
+    gradients of the student's hidden states, g @ W_S, and lm_head, gᵀ @ H_S; backward only scales
+    them by the incoming gradient. Versus checkpointing each chunk (recompute in backward) this
+    skips a second student and teacher projection and a second softmax pass, for the price of a
+    (V, D_S) gradient buffer held from forward to backward (the lm_head's own gradient).
+    """
+
+    @staticmethod
+    def forward(ctx, student_hidden, student_head, teacher_hidden, teacher_head, weights, loss,
+                beta, chunk_size):
+        grad_hidden = torch.zeros_like(student_hidden)  # (N, D_s)
+        grad_head = torch.zeros_like(student_head) if ctx.needs_input_grad[1] else None  # (V, D_s)
+        total = torch.zeros((), dtype=torch.float32, device=student_hidden.device)
+        for i in range(0, student_hidden.shape[0], chunk_size):
+            hs = student_hidden[i:i + chunk_size]  # (n, D_s)
+            zt = teacher_hidden[i:i + chunk_size] @ teacher_head.T  # (n, V)
+            with torch.enable_grad():  # a small graph from this chunk's logits to its loss
+                zs = (hs @ student_head.T).requires_grad_()  # (n, V)
+                per_token = divergence(loss, zs, zt, beta)  # (n,) fp32
+                if weights is not None:
+                    per_token = per_token * weights[i:i + chunk_size]
+                g, = torch.autograd.grad(per_token.sum(), zs)  # (n, V): dD/dz_S
+            total += per_token.detach().sum()
+            grad_hidden[i:i + chunk_size] = g @ student_head  # (n, D_s)
+            if grad_head is not None:
+                grad_head += g.T @ hs  # (V, D_s)
+            del zs, zt, per_token, g
+        ctx.save_for_backward(grad_hidden, grad_head)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        grad_hidden, grad_head = ctx.saved_tensors
+        grad_head = grad_head * grad_total if grad_head is not None else None
+        return grad_hidden * grad_total, grad_head, None, None, None, None, None, None
+
+
+def chunked_divergence(student_hidden, student_head, teacher_hidden, teacher_head,
+                       loss="reverse_kl", beta=0.5, chunk_size=512, weights=None):
+    """Σ_t w_t · D(P_S(·|c_t), P_T(·|c_t)) over N positions (a sum, not a mean), from hidden states.
+
+    student_hidden (N, D_s) and student_head (V_s, D_s) receive gradients; the teacher's (N, D_t)
+    and (V_t, D_t) do not. Only the common leading min(V_s, V_t) rows are used (see token_stats).
+    At most `chunk_size` rows of logits exist at any time, in forward and backward alike, so peak
+    memory does not grow with N; see _ChunkedDivergence for how the gradient is formed.
+    """
+    vocab = min(student_head.shape[0], teacher_head.shape[0])
+    return _ChunkedDivergence.apply(student_hidden, student_head[:vocab], teacher_hidden.detach(),
+                                    teacher_head[:vocab].detach(), weights, loss, beta, chunk_size)
 
 
 def to_padded(flat, mask):

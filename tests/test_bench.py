@@ -1,5 +1,6 @@
-"""bench.py: the quick run produces every row with its ratios, and the three loss paths it compares
-(naive full logits, gathered, distill.py's chunked opd_step) give the same loss and gradients.
+"""bench.py: the quick run produces every row with its ratios, and the loss paths it compares
+(naive full logits, gathered, chunked with recompute, distill.py's chunked opd_step) give the same
+loss and gradients.
 Times and memory are reported by the benchmark, never asserted here."""
 import json
 
@@ -24,7 +25,7 @@ def forward_backward(path, keep):
 
 
 @pytest.mark.parametrize("keep", [1.0, 0.5, 0.1])
-@pytest.mark.parametrize("path", ["gathered", "chunked"])
+@pytest.mark.parametrize("path", ["gathered", "recompute", "chunked"])
 def test_paths_give_the_naive_loss_and_gradients(path, keep):
     ref_loss, ref_kept, ref_grads = forward_backward("naive", keep)
     loss, n_kept, grads = forward_backward(path, keep)

@@ -1,4 +1,4 @@
-"""distill.py: the chunked, gathered, recomputed loss equals the naive one; masking; invariants;
+"""distill.py: the chunked (fused) and gathered loss equals the naive one; masking; invariants;
 CLI smoke runs; and a real learning signal on a tiny pair built here."""
 import json
 import os
@@ -60,8 +60,8 @@ def naive_loss(student, teacher, rollouts, pad, loss="reverse_kl", beta=0.5, kep
 
 
 @pytest.mark.parametrize("loss,beta", [("reverse_kl", 0.5), ("forward_kl", 0.5), ("jsd", 0.3)])
-@pytest.mark.parametrize("chunk_size,recompute", [(1, True), (7, True), (10_000, True), (5, False)])
-def test_selected_loss_equals_naive_values_and_gradients(pair, loss, beta, chunk_size, recompute):
+@pytest.mark.parametrize("chunk_size,fused", [(1, True), (7, True), (10_000, True), (5, False)])
+def test_selected_loss_equals_naive_values_and_gradients(pair, loss, beta, chunk_size, fused):
     tok, teacher, student = load_pair(pair)
     rollouts = rollouts_for(tok, student)
     ref, mask = naive_loss(student, teacher, rollouts, distill.pad_id(tok), loss, beta)
@@ -73,7 +73,7 @@ def test_selected_loss_equals_naive_values_and_gradients(pair, loss, beta, chunk
     with torch.no_grad():
         h_t = distill.hidden_states(teacher, ids, attn)
     got = distill.selected_loss(h_s[mask], distill.lm_head(student), h_t[mask],
-                                distill.lm_head(teacher), loss, beta, chunk_size, recompute=recompute)
+                                distill.lm_head(teacher), loss, beta, chunk_size, fused=fused)
     got.backward()
     assert got.item() == pytest.approx(ref.item(), rel=1e-5)
     for p, g in zip(student.parameters(), ref_grads):
