@@ -60,10 +60,11 @@ def test_sweep_scores_every_run_and_summarises_over_seeds(result):
     (["--seeds", "a,b"], "--seeds must be comma-separated integers"),
     (["--steps", "0"], "--steps must be at least 1"),
 ])
-def test_bad_settings_get_one_line_and_status_2(flags, message, tmp_path):
-    r = subprocess.run([sys.executable, os.path.join(REPO, "sweep.py"), "--output-dir",
-                        str(tmp_path / "out"), *flags], capture_output=True, text=True, timeout=120)
-    assert r.returncode == 2 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1
+def test_bad_settings_get_one_line_and_status_2(flags, message, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        sweep.main(["--output-dir", str(tmp_path / "out"), *flags])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and message in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "out").exists()
 
 
