@@ -51,10 +51,10 @@ import torch
 
 import selection
 import tip
+from checkpoint import latest_checkpoint, resume, save_checkpoint
 from loading import (UsageError, check_same_tokenizer, check_writable, encode_prompts,
                      find_prompt_field, load_model, load_records, load_tokenizer, looks_like_path,
                      resolve_device, resolve_dtype)
-from checkpoint import latest_checkpoint, resume, save_checkpoint
 from parallel import (all_reduce_sum, clip_grad_norm, distributed, gather, setup_distributed,
                       shard, teardown, world_size)
 
