@@ -88,7 +88,8 @@ def plot_sweep(rows, start, path):
     ax.axhline(start, color="tab:red", ls="--", label=f"student before: {start:.1f}%")
     ax.set_xticks(range(len(rows)), labels, rotation=45, ha="right")
     ax.set_ylabel("held-out accuracy % (greedy)")
-    ax.legend()
+    ax.set_ylim(0, 100)  # room above the bars for the legend
+    ax.legend(loc="upper right")
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
