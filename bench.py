@@ -161,22 +161,16 @@ def gathered_forward_backward(student, teacher, rollouts, cfg, generator):
                                                              chunk_size=hs.shape[0], fused=False))
 
 
-def _chunk_loss(hs, ws, ht, wt, loss, beta):
-    zs = hs @ ws.T  # (n, V), with gradients
-    with torch.no_grad():
-        zt = ht @ wt.T  # (n, V)
-    return tip.divergence(loss, zs, zt, beta).sum()
-
-
 def recompute_forward_backward(student, teacher, rollouts, cfg, generator):
     """`--chunk-size` kept rows at a time under activation checkpointing: the forward keeps only
     each chunk's inputs, and backward projects the chunk again (both models) to rebuild its
     logits. Bounded memory like `chunked`, at the price of a second pass over the vocabulary."""
     from torch.utils.checkpoint import checkpoint
 
-    def loss(hs, ws, ht, wt):
-        return sum(checkpoint(_chunk_loss, hs[i:i + cfg.chunk_size], ws, ht[i:i + cfg.chunk_size],
-                              wt, cfg.loss, cfg.beta, use_reentrant=False)
+    def loss(hs, ws, ht, wt):  # distill.py's plain (unfused) loss, one checkpointed call per chunk
+        return sum(checkpoint(distill.selected_loss, hs[i:i + cfg.chunk_size], ws,
+                              ht[i:i + cfg.chunk_size], wt, cfg.loss, cfg.beta, cfg.chunk_size,
+                              None, False, use_reentrant=False)
                    for i in range(0, hs.shape[0], cfg.chunk_size))
     return _kept_rows_forward_backward(student, teacher, rollouts, cfg, generator, loss)
 
