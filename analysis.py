@@ -1,20 +1,20 @@
-"""The quadrant analysis: where is the learning signal of a teacher/student pair? (`python tip.py`)
+"""The quadrant analysis: where is the learning signal of a teacher/student pair?
 
-    python tip.py                                       # the toy pair on its held-out problems
-    python tip.py --teacher Qwen/Qwen3-4B --student Qwen/Qwen3-0.6B --dataset HuggingFaceH4/MATH-500
-    python tip.py plot runs/A runs/B --output curves.png
+    python analysis.py                                  # the toy pair on its held-out problems
+    python analysis.py --teacher Qwen/Qwen3-4B --student Qwen/Qwen3-0.6B --dataset HuggingFaceH4/MATH-500
+    python analysis.py plot runs/A runs/B --output curves.png
 
-Samples rollouts with distill.py's sampling code, computes every response token's statistics with
-tip.py, and prints (1) the quadrant table: share of tokens and of the reverse-KL mass, mean h and δ,
-the thresholds used; (2) the rule-coverage table: for each rule at keep 0.5 / 0.2 / 0.1, the
-fraction of each quadrant it keeps and of the KL mass. Writes quadrants.png (ĥ × δ̂ scatter with
-marginals), coverage.png (the coverage table as bars) and tokens.html (rollouts coloured by
-quadrant, a tooltip per token; self-contained, readable offline). `plot` draws distill.py's
-metrics.jsonl curves of several runs into one PNG. matplotlib runs headless (Agg).
+Samples rollouts with rollouts.sample (the training sampler), builds every response token's
+statistics with distill.batch_statistics (the one builder of a rule's input), and prints (1) the
+quadrant table: share of tokens and of the reverse-KL mass, mean h and δ, the thresholds used;
+(2) the rule-coverage table: for each rule at keep 0.5 / 0.2 / 0.1, the fraction of each quadrant
+it keeps and of the KL mass. Writes quadrants.png (ĥ × δ̂ scatter with marginals), coverage.png
+(the coverage table as bars) and tokens.html (rollouts coloured by quadrant, a tooltip per token,
+tokens the student did not generate greyed out; self-contained, readable offline). `plot` draws
+distill.py's metrics.jsonl curves of several runs into one PNG. matplotlib runs headless (Agg).
 
 The math is tip.py's and the rules are selection.py's: nothing here computes a divergence.
 """
-import argparse
 import html
 import json
 import os
@@ -28,12 +28,31 @@ import torch  # noqa: E402
 import distill  # noqa: E402
 import loading  # noqa: E402
 import selection  # noqa: E402
-from tip import QUADRANTS, quadrant_table, to_padded, token_stats  # noqa: E402
+import toy  # noqa: E402
+from loading import hidden_states, lm_head  # noqa: E402
+from rollouts import collate, pad_id, sample  # noqa: E402
+from tip import QUADRANTS, quadrant_summary  # noqa: E402
+
+
+def quadrant_table(stats, mask):
+    """Per quadrant: token share, reverse-KL mass share, mean h (entropy / log V) and mean δ.
+
+    `stats` holds (B, T) tensors with `entropy_norm`, `reverse_kl` and `quadrant` (as distill's
+    batch_statistics builds them); only positions in `mask` count.
+    """
+    summary = quadrant_summary(stats["quadrant"], stats["reverse_kl"], mask)
+    rows = []
+    for q, name in QUADRANTS.items():
+        sel = (stats["quadrant"] == q) & mask
+        mean = lambda x: x[sel].float().mean().item() if sel.any() else float("nan")  # noqa: E731
+        rows.append({"quadrant": name, **summary[q], "mean_h": mean(stats["entropy_norm"]),
+                     "mean_kl": mean(stats["reverse_kl"])})
+    return rows
 
 
 def coverage_table(stats, mask, rules, keeps, seed=0):
     """For each rule and keep ratio: the fraction of each quadrant's tokens that the rule keeps
-    and the fraction of the total reverse-KL mass it keeps. `stats` as returned by quadrant_table."""
+    and the fraction of the total reverse-KL mass it keeps. `stats` from distill.batch_statistics."""
     rows, total_kl = [], stats["reverse_kl"][mask].sum().clamp_min(1e-12)
     for rule in rules:
         for keep in keeps:
@@ -79,6 +98,7 @@ def plot_quadrants(stats, mask, thresholds, path):
     top.set_title(f"{len(h)} response tokens; dashed: thresholds {thresholds[0]:.3f}, {thresholds[1]:.3f}")
     fig.savefig(path)
     plt.close(fig)
+    return {k: len(ax.collections[k - 1].get_offsets()) for k in QUADRANTS}  # points drawn per Q
 
 
 def plot_coverage(rows, path):
@@ -96,27 +116,32 @@ def plot_coverage(rows, path):
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+    return {q: [bar.get_height() for bar in ax.containers[j]] for j, q in enumerate(QUADRANTS)}
 
 
 def tokens_html(rollouts, stats, mask, tokenizer, limit=6):
-    """A self-contained page: each response token's background is its quadrant's colour, and its
-    tooltip gives h, δ, forward KL and both models' top-1 token with its probability."""
+    """A self-contained page: each generated token's background is its quadrant's colour, and its
+    tooltip gives h, δ, forward KL and both models' top-1 token with its probability. Response
+    tokens the student did not generate (tool results, template tokens) are grey: never scored."""
     name = lambda i: html.escape(repr(tokenizer.decode([int(i)]))[1:-1])  # noqa: E731
     parts = ["<!doctype html><meta charset='utf-8'><title>TIP quadrants</title><style>body{font:"
-             "14px monospace;max-width:60em}span{white-space:pre-wrap}</style><p>"
+             "14px monospace;max-width:60em}span{white-space:pre-wrap}.q0{color:#999}</style><p>"
              + " ".join(f"<span style='background:{COLORS[q]}55'>{QUADRANTS[q]}</span>" for q in QUADRANTS)
-             + "</p>"]
+             + " <span class='q0'>not generated by the student</span></p>"]
+    P = max(len(p) for p in rollouts.prompts)  # collate's first response column
     for b in range(min(limit, len(rollouts.responses))):
-        cols = mask[b].nonzero().flatten().tolist()
         parts.append(f"<h3>rollout {b}</h3><p>{html.escape(tokenizer.decode(rollouts.prompts[b]))}</p><p>")
-        for t, col in zip(rollouts.responses[b], cols):
+        for j, t in enumerate(rollouts.responses[b]):
+            col, text = P - 1 + j, html.escape(tokenizer.decode([t]))  # its loss position
+            if not mask[b, col]:
+                parts.append(f"<span class='q0'>{text}</span>")
+                continue
             s = {k: v[b, col].item() for k, v in stats.items()}
             tip_text = (f"h={s['entropy_norm']:.3f} δ={s['reverse_kl']:.3f} fwdKL={s['forward_kl']:.3f}"
                         f" | student top-1 {name(s['student_top1'])} p={s['student_top1_p']:.2f}"
                         f" | teacher top-1 {name(s['teacher_top1'])} p={s['teacher_top1_p']:.2f}")
             parts.append(f"<span class='q{int(s['quadrant'])}' style='background:"
-                         f"{COLORS[int(s['quadrant'])]}55' title='{tip_text}'>"
-                         f"{html.escape(tokenizer.decode([t]))}</span>")
+                         f"{COLORS[int(s['quadrant'])]}55' title='{tip_text}'>{text}</span>")
         parts.append("</p>")
     return "".join(parts)
 
@@ -151,31 +176,31 @@ def plot_runs(run_dirs, path):
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+    return {(ax.get_title(), line.get_label()): (list(line.get_xdata()), list(line.get_ydata()))
+            for ax in axes.flat for line in ax.get_lines()}  # what was drawn, panel by panel
 
 
 @torch.no_grad()
-def collect(teacher, student, tokenizer, prompts, samples_per_prompt, max_new_tokens, chunk_size=512,
-            batch_size=16):
-    """Sample rollouts from the student (distill.py's sampling) and compute every response token's
-    statistics. Returns (rollouts, stats of (B, L) tensors, loss mask (B, L))."""
-    rollouts = distill.sample(student, tokenizer, prompts, samples_per_prompt, max_new_tokens,
-                              batch_size=batch_size, progress=True)
-    ids, attn, mask = distill.collate(rollouts.prompts, rollouts.responses, distill.pad_id(tokenizer))
+def statistics(teacher, student, rollouts, tokenizer, chunk_size=512, batch_size=16,
+               h_threshold=None, d_threshold=None):
+    """Every trained position's statistics over all the rollouts, normalised together.
+    Returns (stats of (B, L) tensors, loss mask (B, L), thresholds)."""
+    ids, attn, mask = collate(rollouts.prompts, rollouts.responses, pad_id(tokenizer), rollouts.masks)
     device = next(student.parameters()).device
-    flat = []
-    for i in range(0, len(ids), batch_size):
+    h_s, h_t = [], []
+    for i in range(0, len(ids), batch_size):  # the forward passes in batches, the axes over all
         part = [t[i:i + batch_size].to(device) for t in (ids, attn, mask)]
-        h_s = distill.hidden_states(student, part[0], part[1])[part[2]]  # (n, D_s)
-        h_t = distill.hidden_states(teacher, part[0], part[1])[part[2]]  # (n, D_t)
-        flat.append(token_stats(h_s, distill.lm_head(student), h_t, distill.lm_head(teacher), chunk_size))
-    stats = to_padded({k: torch.cat([f[k] for f in flat]).cpu() for k in flat[0]}, mask)
-    return rollouts, stats, mask
+        h_s.append(hidden_states(student, part[0], part[1])[part[2]])  # (n, D_s)
+        h_t.append(hidden_states(teacher, part[0], part[1])[part[2]])  # (n, D_t)
+    stats, thresholds = distill.batch_statistics(
+        torch.cat(h_s), lm_head(student), torch.cat(h_t), lm_head(teacher), mask.to(device),
+        chunk_size, h_threshold=h_threshold, d_threshold=d_threshold, return_thresholds=True)
+    return {k: v.cpu() for k, v in stats.items()}, mask, thresholds
 
 
 def analyze(args):
     """The analysis CLI: tables on stdout; quadrants.png, coverage.png, tokens.html on disk."""
     if args.teacher is None:
-        import toy
         try:
             args.teacher, args.student = toy.build()
         except (FileExistsError, PermissionError) as e:
@@ -185,20 +210,23 @@ def analyze(args):
     dtype, _ = loading.resolve_dtype(args.dtype, device)
     records = loading.load_records(args.dataset, args.split)
     field = loading.find_prompt_field(records, args.prompt_field)
-    tokenizer = loading.load_tokenizer(args.student)
-    loading.check_same_tokenizer(loading.load_tokenizer(args.teacher), tokenizer)
+    tokenizer = loading.load_tokenizer(args.student, args.trust_remote_code)
+    loading.check_same_tokenizer(loading.load_tokenizer(args.teacher, args.trust_remote_code), tokenizer)
     prompts, _ = loading.encode_prompts(tokenizer, records[:args.prompts], field, args.max_prompt_length)
-    teacher = loading.load_model(args.teacher, device, dtype).eval()
-    student = loading.load_model(args.student, device, dtype).eval()
+    teacher = loading.load_model(args.teacher, device, dtype, args.trust_remote_code).eval()
+    student = loading.load_model(args.student, device, dtype, args.trust_remote_code).eval()
+    for name, model in ((args.teacher, teacher), (args.student, student)):
+        loading.check_output_head(model, name)
     torch.manual_seed(args.seed)
-    rollouts, stats, mask = collect(teacher, student, tokenizer, prompts, args.samples_per_prompt,
-                                    args.max_new_tokens, args.chunk_size)
-    rows, thresholds, stats = quadrant_table(stats, mask, args.h_threshold, args.d_threshold)
+    rollouts = sample(student, tokenizer, prompts, args.samples_per_prompt, args.max_new_tokens,
+                      batch_size=16, progress=True)
+    stats, mask, thresholds = statistics(teacher, student, rollouts, tokenizer, args.chunk_size,
+                                         h_threshold=args.h_threshold, d_threshold=args.d_threshold)
+    rows = quadrant_table(stats, mask)
     print(f"{int(mask.sum())} response tokens from {len(rollouts.responses)} rollouts; thresholds "
           f"ĥ > {thresholds[0]:.4f}, δ̂ > {thresholds[1]:.4f}\n")
     print(markdown(rows, ["quadrant", "share", "kl_share", "mean_h", "mean_kl"]) + "\n")
-    rules = [r for r in selection.RULES if r != "all"]
-    coverage = coverage_table(stats, mask, rules, (0.5, 0.2, 0.1), args.seed)
+    coverage = coverage_table(stats, mask, list(selection.RULES), (0.5, 0.2, 0.1), args.seed)
     print(markdown(coverage, ["rule", "keep", "q1_kept", "q2_kept", "q3_kept", "q4_kept", "kl_kept"]))
     os.makedirs(args.output_dir, exist_ok=True)
     plot_quadrants(stats, mask, thresholds, os.path.join(args.output_dir, "quadrants.png"))
@@ -212,7 +240,7 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     try:
         if argv[:1] == ["plot"]:
-            p = argparse.ArgumentParser(prog="tip.py plot", description="Training curves of runs.")
+            p = loading.ArgumentParser(prog="analysis.py plot", description="Training curves of runs.")
             p.add_argument("runs", nargs="+", help="distill.py output folders (with metrics.jsonl)")
             p.add_argument("--output", default="curves.png", help="PNG to write")
             args = p.parse_args(argv[1:])
@@ -223,9 +251,9 @@ def main(argv=None):
             plot_runs(args.runs, args.output)
             print(f"wrote {args.output}")
             return
-        p = argparse.ArgumentParser(description="Where is the learning signal? Quadrant analysis "
-                                    "of a teacher/student pair (default: the toy pair). "
-                                    "`python tip.py plot RUN_DIR...` draws training curves.")
+        p = loading.ArgumentParser(description="Where is the learning signal? Quadrant analysis "
+                                   "of a teacher/student pair (default: the toy pair). "
+                                   "`python analysis.py plot RUN_DIR...` draws training curves.")
         p.add_argument("--teacher", help="HF id or local directory (default: the toy pair)")
         p.add_argument("--student", help="HF id or local directory (default: the toy pair)")
         p.add_argument("--dataset", help="HF id or local file (default: the toy held-out split)")
@@ -240,8 +268,7 @@ def main(argv=None):
         p.add_argument("--chunk-size", type=int, default=512, help="rows per lm_head chunk")
         p.add_argument("--output-dir", default="analysis", help="where the pictures go")
         p.add_argument("--seed", type=int, default=0, help="sampling and selection seed")
-        p.add_argument("--device", default="auto", help="auto, cpu or cuda")
-        p.add_argument("--dtype", default="auto", help="auto, float32 or bfloat16")
+        loading.add_model_flags(p)
         args = p.parse_args(argv)
         if (args.teacher is None) != (args.student is None):
             raise loading.UsageError("give both --teacher and --student, or neither (the toy pair)")

@@ -31,9 +31,13 @@ ends by saying whether three targets are met: memory of chunked keep 0.5 ≤ 0.5
 reports 0.53× for Qwen3) and of chunked keep 1.0 ≤ 0.35×, time of chunked keep 0.5 ≤ 0.8× keep 1.0.
 
 Choices: the naive path projects the prompt positions too, as a model's own forward does; rollouts
-all have the same length, so no padding; one micro-batch holds all B rollouts. CPU memory is read
-from Linux's /proc. On a CPU shared with other work, time ratios are noisy and `--threads 1` often
-runs faster than more threads that wait on each other.
+all have the same length, so no padding; one micro-batch holds all B rollouts. CPU memory comes
+from memory.py (Linux's /proc, resettable per step). On a CPU shared with other work, time ratios
+are noisy and `--threads 1` often runs faster than more threads that wait on each other.
+
+Precision: every path projects logits in fp32 (tip.project). The run ends with what that costs
+against a bf16 projection under autocast, for one chunk of the teacher's rows (docs/method.md,
+"Precision").
 
 Notation: B rollouts, L = prompt + response positions, V vocabulary, D hidden size, N kept rows.
 """
@@ -52,6 +56,9 @@ import distill
 import loading
 import selection
 import tip
+from loading import hidden_states, lm_head
+from memory import peak_memory, start_memory_window
+from rollouts import Rollouts, collate, position_ids
 
 # head_dim is explicit: Qwen3 decouples it from hidden / heads (Qwen3-4B: 2560 / 32 = 80, yet 128).
 PRESETS = {
@@ -93,7 +100,7 @@ def make_rollouts(batch, prompt_length, response_length, vocab, seed):
     """B rollouts of random ids ≥ 1 (0 is the pad id), all of one length: no generation needed."""
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(1, vocab, (batch, prompt_length + response_length), generator=g)  # (B, L)
-    return distill.Rollouts(prompts=ids[:, :prompt_length].tolist(),
+    return Rollouts(prompts=ids[:, :prompt_length].tolist(),
                             responses=ids[:, prompt_length:].tolist())
 
 
@@ -105,7 +112,7 @@ def _batch(student, rollouts, cfg):
     device = next(student.parameters()).device
     autocast = (torch.autocast("cuda", dtype=cfg.dtype) if device.type == "cuda"
                 and cfg.dtype != torch.float32 else nullcontext())  # as in distill.opd_step
-    return autocast, [t.to(device) for t in distill.collate(rollouts.prompts, rollouts.responses,
+    return autocast, [t.to(device) for t in collate(rollouts.prompts, rollouts.responses,
                                                              cfg.pad_id)]
 
 
@@ -113,20 +120,18 @@ def naive_forward_backward(student, teacher, rollouts, cfg, generator):
     """NAIVE, for comparison only: full (B, L, V) logits, statistics and loss at every position,
     then the mask. Memory grows with B·L·V whatever the keep ratio: masking comes too late."""
     autocast, (ids, attn, mask) = _batch(student, rollouts, cfg)
-    pos = distill.position_ids(attn)  # (B, L)
+    pos = position_ids(attn)  # (B, L)
     with torch.no_grad(), autocast:
         zt = teacher(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=False).logits
     with autocast:
         zs = student(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=False).logits
     vocab = min(zs.shape[-1], zt.shape[-1])
     zs, zt = zs[..., :vocab], zt[..., :vocab]  # (B, L, V) each; the student's carries gradients
-    with torch.no_grad():  # statistics straight from the full logits
-        stats = {"entropy": tip.entropy(zs), "reverse_kl": tip.reverse_kl(zs, zt),
-                 "forward_kl": tip.forward_kl(zs, zt)}  # (B, L) each
-    stats = {k: torch.where(mask, v, 0.0) for k, v in stats.items()}  # (B, L) each
-    stats["entropy_norm"] = stats["entropy"] / math.log(vocab)  # Eq. 2
-    stats["h_hat"] = tip.normalize_entropy(stats["entropy"], mask)  # (B, L)
-    stats["d_hat"] = tip.normalize_divergence(stats["reverse_kl"], mask)  # (B, L)
+    with torch.no_grad():  # statistics straight from the full logits, at the response positions
+        flat = {"entropy": tip.entropy(zs[mask]), "reverse_kl": tip.reverse_kl(zs[mask], zt[mask]),
+                "forward_kl": tip.forward_kl(zs[mask], zt[mask])}  # (N,) each
+    flat["entropy_norm"] = flat["entropy"] / math.log(vocab)  # Eq. 2
+    stats = distill.rule_inputs(flat, mask)  # (B, L) each: the rule's input, as in training
     kept, _ = selection.select(cfg.rule, stats, mask, cfg.keep, generator)  # (B, L) bool
     per_token = tip.divergence(cfg.loss, zs, zt, cfg.beta)  # (B, L) fp32, Eq. 1 everywhere
     n_kept = max(int(kept.sum()), 1)
@@ -139,11 +144,11 @@ def _kept_rows_forward_backward(student, teacher, rollouts, cfg, generator, loss
     """distill.opd_step for one micro-batch, with the loss on the kept rows taken by the given
     function (hidden states, heads) -> summed loss."""
     autocast, (ids, attn, mask) = _batch(student, rollouts, cfg)
-    ws, wt = distill.lm_head(student), distill.lm_head(teacher)  # (V, D_s), (V, D_t)
+    ws, wt = lm_head(student), lm_head(teacher)  # (V, D_s), (V, D_t)
     with torch.no_grad(), autocast:
-        h_t = distill.hidden_states(teacher, ids, attn)  # (B, L, D_t)
+        h_t = hidden_states(teacher, ids, attn)  # (B, L, D_t)
     with autocast:
-        h_s = distill.hidden_states(student, ids, attn)  # (B, L, D_s)
+        h_s = hidden_states(student, ids, attn)  # (B, L, D_s)
         stats = distill.batch_statistics(h_s.detach(), ws, h_t, wt, mask, cfg.chunk_size)
     kept, _ = selection.select(cfg.rule, stats, mask, cfg.keep, generator)  # (B, L) bool
     n_kept = max(int(kept.sum()), 1)
@@ -153,12 +158,26 @@ def _kept_rows_forward_backward(student, teacher, rollouts, cfg, generator, loss
     return loss_sum.item() / n_kept, n_kept
 
 
+def unfused_loss(student_hidden, student_head, teacher_hidden, teacher_head, loss, beta,
+                 chunk_size):
+    """Σ_t D(P_S, P_T) over the N given rows with plain autograd, for comparison only: every
+    chunk's (chunk, V) logits stay alive until backward. distill.py uses tip.chunked_divergence."""
+    vocab = min(student_head.shape[0], teacher_head.shape[0])  # common leading rows
+    total = student_hidden.new_zeros((), dtype=torch.float32)
+    for i in range(0, student_hidden.shape[0], chunk_size):
+        zs = tip.project(student_hidden[i:i + chunk_size], student_head[:vocab])  # (n, V), grad
+        with torch.no_grad():
+            zt = tip.project(teacher_hidden[i:i + chunk_size], teacher_head[:vocab])  # (n, V)
+        total = total + tip.divergence(loss, zs, zt, beta).sum()  # (n,) fp32, Eq. 1
+    return total
+
+
 def gathered_forward_backward(student, teacher, rollouts, cfg, generator):
     """The kept rows go through `lm_head` in one chunk, plain autograd: their (N, V) logits live
     until backward."""
     return _kept_rows_forward_backward(student, teacher, rollouts, cfg, generator, lambda hs, ws, ht, wt:
-                                       distill.selected_loss(hs, ws, ht, wt, cfg.loss, cfg.beta,
-                                                             chunk_size=hs.shape[0], fused=False))
+                                       unfused_loss(hs, ws, ht, wt, cfg.loss, cfg.beta,
+                                                    chunk_size=hs.shape[0]))
 
 
 def recompute_forward_backward(student, teacher, rollouts, cfg, generator):
@@ -167,10 +186,10 @@ def recompute_forward_backward(student, teacher, rollouts, cfg, generator):
     logits. Bounded memory like `chunked`, at the price of a second pass over the vocabulary."""
     from torch.utils.checkpoint import checkpoint
 
-    def loss(hs, ws, ht, wt):  # distill.py's plain (unfused) loss, one checkpointed call per chunk
-        return sum(checkpoint(distill.selected_loss, hs[i:i + cfg.chunk_size], ws,
+    def loss(hs, ws, ht, wt):  # the plain (unfused) loss, one checkpointed call per chunk
+        return sum(checkpoint(unfused_loss, hs[i:i + cfg.chunk_size], ws,
                               ht[i:i + cfg.chunk_size], wt, cfg.loss, cfg.beta, cfg.chunk_size,
-                              None, False, use_reentrant=False)
+                              use_reentrant=False)
                    for i in range(0, hs.shape[0], cfg.chunk_size))
     return _kept_rows_forward_backward(student, teacher, rollouts, cfg, generator, loss)
 
@@ -217,7 +236,7 @@ def measure(spec):
     peaks, step_peaks, seconds, first_loss = [], [], [], None
     for i in range(spec["warmup"] + spec["steps"]):
         generator = torch.Generator().manual_seed(spec["seed"] + i)  # same selection on each path
-        baseline = distill.start_memory_window(device)
+        baseline = start_memory_window(device)
         t0 = time.perf_counter()
         loss, n_kept = FORWARD_BACKWARD[spec["path"]](student, teacher, rollouts, cfg, generator)
         first_loss = loss if i == 0 else first_loss  # before any update: comparable across paths
@@ -228,12 +247,45 @@ def measure(spec):
             torch.cuda.synchronize(device)
         if i >= spec["warmup"]:
             seconds.append(time.perf_counter() - t0)
-            peaks.append(distill.peak_memory(device))
+            peaks.append(peak_memory(device))
             step_peaks.append(peaks[-1] - baseline)
     return {"path": spec["path"], "keep": spec["keep"], "rule": cfg.rule,
             "gradient_checkpointing": spec["checkpointing"], "kept_tokens": n_kept,
             "loss": first_loss, "peak_memory_bytes": max(peaks), "step_peak_bytes": max(step_peaks),
             "step_seconds": statistics.median(seconds), "device": device.type}
+
+
+def projection_cost(spec):
+    """What fp32 logits cost against a bf16 projection under autocast, for one `--chunk-size`
+    chunk of the teacher's rows at the preset's vocabulary: the median time of each (5 runs, after
+    one warm-up) and the fp32 copy of the teacher's head that tip.py makes per call."""
+    if spec["threads"]:
+        torch.set_num_threads(spec["threads"])
+    device, _ = loading.resolve_device(spec["device"])
+    g = torch.Generator().manual_seed(spec["seed"])
+    rows, width, vocab = spec["chunk_size"], spec["teacher"]["hidden"], spec["vocab"]
+    head = torch.randn(vocab, width, generator=g).to(device, torch.bfloat16)  # (V, D_t) bf16
+    hidden = torch.randn(rows, width, generator=g).to(device, torch.bfloat16)  # (n, D_t)
+
+    def median_seconds(fn):
+        times = []
+        for i in range(6):
+            t0 = time.perf_counter()
+            fn()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            times.append(time.perf_counter() - t0)
+        return statistics.median(times[1:])
+
+    def bf16():
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            return hidden @ head.T  # (n, V) bf16: what autocast alone would give
+    head32 = head.float()  # (V, D_t): made once per call of token_stats / chunked_divergence
+    return {"rows": rows, "vocab": vocab, "device": device.type,
+            "fp32_seconds": median_seconds(lambda: tip.project(hidden, head32)),
+            "bf16_seconds": median_seconds(bf16),
+            "upcast_seconds": median_seconds(lambda: head.float()),
+            "head_copy_bytes": head32.numel() * 4}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -304,8 +356,8 @@ def plot(rows, path):
 # ---------------------------------------------------------------------------------------------
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Peak memory and step time of one OPD step per memory "
-                                "technique.", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = loading.ArgumentParser(description="Peak memory and step time of one OPD step per memory "
+                               "technique.", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--preset", choices=sorted(PRESETS), default="tiny", help="shapes and sizes")
     p.add_argument("--quick", action="store_true", help="the 'quick' preset: a few seconds")
     p.add_argument("--vocab", type=int, help="vocabulary size V (default: preset's)")
@@ -314,13 +366,15 @@ def parse_args(argv=None):
     p.add_argument("--response-length", type=int, help="response tokens (default: preset's)")
     p.add_argument("--chunk-size", type=int, help="rows per lm_head chunk (default: preset's)")
     p.add_argument("--keeps", default="1.0,0.5,0.2,0.1", help="keep ratios; 1.0 is the baseline")
-    p.add_argument("--rule", default="entropy", help="selection rule below keep 1.0")
+    p.add_argument("--rule", default="entropy", choices=list(selection.RULES),
+                   help="selection rule below keep 1.0")
     p.add_argument("--steps", type=int, help="measured steps per configuration (default 3)")
     p.add_argument("--warmup", type=int, default=1, help="unmeasured steps before those")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's; quick: 1)")
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    p.add_argument("--dtype", default="auto", help="teacher and autocast dtype: auto (bf16 on a "
-                   "GPU), float32 or bfloat16; the student's weights stay fp32")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="device")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                   help="teacher and autocast dtype (auto: bf16 on a GPU); the student's weights "
+                   "stay fp32")
     p.add_argument("--seed", type=int, default=0, help="seed for weights, rollouts, selection")
     p.add_argument("--json", help="write the rows as a JSON list to this path")
     p.add_argument("--plot", help="write a PNG of memory and time against keep to this path")
@@ -333,8 +387,6 @@ def resolve_specs(args):
     keeps = [float(k) for k in args.keeps.split(",")]
     if 1.0 not in keeps or not all(0.0 < k <= 1.0 for k in keeps):
         raise SystemExit("error: --keeps must lie in (0, 1] and include 1.0, the baseline")
-    if args.rule not in selection.RULES:
-        raise SystemExit(f"error: unknown --rule {args.rule!r}; valid: {', '.join(selection.RULES)}")
     base = {"rule": args.rule, "device": args.device, "dtype": args.dtype, "seed": args.seed,
             "warmup": args.warmup, "teacher": preset["teacher"], "student": preset["student"]}
     fallback = {"steps": 3, "threads": 0}  # 0: torch's own thread count
@@ -365,12 +417,18 @@ def main(argv=None):
         ckpt = "on " if r["gradient_checkpointing"] else "off"
         print(f"  {r['path']:9s} keep {r['keep']:<4g} ckpt {ckpt} | peak {r['peak_memory_bytes'] / 2**20:6.0f} MiB | step peak "
               f"{r['step_peak_bytes'] / 2**20:6.0f} MiB | {r['step_seconds']:.3g} s", flush=True)
+    cost = pool.submit(projection_cost, specs[0]).result()
     pool.shutdown()
     add_ratios(rows)
     print(f"\n{markdown_table(rows)}\n")
     print("targets (set for the default CPU configuration: elsewhere, information only):")
     for name, ratio, bound in targets(rows):
         print(f"target {name}: {ratio:.2f} (≤ {bound:.2f}) {'met' if ratio <= bound else 'MISSED'}")
+    print(f"precision: one ({cost['rows']}, D) x (D, {cost['vocab']}) projection on {cost['device']}: "
+          f"fp32 {cost['fp32_seconds'] * 1e3:.1f} ms vs bf16 autocast {cost['bf16_seconds'] * 1e3:.1f} ms "
+          f"({cost['fp32_seconds'] / cost['bf16_seconds']:.2f}x), plus {cost['upcast_seconds'] * 1e3:.1f} "
+          f"ms and {cost['head_copy_bytes'] / 2**20:.0f} MiB once per call for the teacher head's "
+          "fp32 copy (on a CPU bf16 has no fast path: the GPU figure is the one that matters)")
     print(f"wall time {time.perf_counter() - t0:.0f} s")
     if args.json:
         with open(args.json, "w") as f:

@@ -50,14 +50,17 @@ import time
 
 import torch
 
-import distill
+import deepplanning
 import loading
+import toy
 from loading import UsageError
+from parallel import gather_objects, my_share
+from rollouts import sample, stop_ids
 
 HUB = {"math500": ("HuggingFaceH4/MATH-500", "test"),
        "aime24": ("HuggingFaceH4/aime_2024", "train"),
        "aime25": ("yentinglin/aime_2025", "train")}
-BENCHMARKS = (*HUB, "toy")
+BENCHMARKS = (*HUB, "toy", "deepplanning")
 PROBLEM_FIELDS = ("problem", "question", "prompt", "Problem")
 ANSWER_FIELDS = ("answer", "Answer")
 
@@ -71,10 +74,6 @@ def load_benchmark(name, data=None, limit=None):
     if data is not None:
         records = loading.load_records(data)
     elif name == "toy":
-        try:
-            import toy  # lazily: evaluate.py works on the real benchmarks without the toy world
-        except ImportError:
-            raise UsageError("the toy benchmark needs toy.py next to evaluate.py") from None
         path = toy.split_path("heldout")
         if not os.path.isfile(path):
             raise UsageError(f"the toy held-out split {path} does not exist: run `python toy.py`")
@@ -185,7 +184,7 @@ def mean_at_k(verdicts):
 
 def score(name, problems, completions, lengths, truncated, samples):
     """Grade completions in problem-major order (the `samples` completions of problem i are
-    consecutive, as distill.sample returns them). Returns (summary dict, one row per completion)."""
+    consecutive, as rollouts.sample returns them). Returns (summary dict, one row per completion)."""
     verdicts, rows = [], []
     for i, item in enumerate(problems):
         gold = parse_answer(item["answer"])  # once per problem, not once per sample
@@ -211,27 +210,100 @@ def score(name, problems, completions, lengths, truncated, samples):
 
 def evaluate_benchmark(model, tokenizer, name, samples=1, temperature=0.0, max_new_tokens=2048,
                        batch_size=32, enable_thinking=False, limit=None, data=None, top_p=1.0,
-                       problems=None, seed=None, progress=False, return_rows=False):
+                       problems=None, seed=None, progress=False, return_rows=False,
+                       data_dir=None, max_turns=40, max_total_tokens=40960):
     """Sample `samples` completions per problem of benchmark `name` and grade them.
 
     `data`: a local file to read instead of the benchmark's hub set; `problems`: already loaded
     rows (the CLI loads every benchmark before the model, so bad input fails fast). Returns the
-    summary dict (see the module docstring), or (summary, rows) with `return_rows`.
+    summary dict (see the module docstring), or (summary, rows) with `return_rows`. `deepplanning`
+    plays the held-out tasks of `data_dir` instead (evaluate_deepplanning).
     """
+    if name == "deepplanning":
+        result = evaluate_deepplanning(model, tokenizer, data_dir, samples, temperature, top_p,
+                                       max_new_tokens, max_turns, max_total_tokens, batch_size,
+                                       enable_thinking, limit, seed, progress, problems)
+        return result if return_rows else result[0]
     if problems is None:
         problems = load_benchmark(name, data, limit)
-    prompts = [tokenizer(loading.render_prompt(tokenizer, p["problem"], "problem", enable_thinking),
-                         add_special_tokens=False)["input_ids"] for p in problems]
+    # Under torchrun each rank samples its share of the problems; the answers are gathered below.
+    share = my_share(len(problems))
+    prompts = [tokenizer(loading.render_prompt(tokenizer, problems[i]["problem"], "problem",
+                                               enable_thinking), add_special_tokens=False)["input_ids"]
+               for i in share]
     if seed is not None:
-        torch.manual_seed(seed)  # the sampled completions are a function of the seed alone
-    rollouts = distill.sample(model, tokenizer, prompts, samples, max_new_tokens, temperature,
-                              top_p, batch_size, progress=progress)
-    stops = distill.stop_ids(model, tokenizer)
-    texts = tokenizer.batch_decode(rollouts.responses, skip_special_tokens=True)
-    lengths = [len(r) for r in rollouts.responses]
-    truncated = [not r or r[-1] not in stops for r in rollouts.responses]  # no EOS: cut off
+        torch.manual_seed(seed * 1_009 + rank())  # the completions are a function of (seed, rank)
+    rollouts = sample(model, tokenizer, prompts, samples, max_new_tokens, temperature, top_p,
+                      batch_size, progress=progress)
+    stops = stop_ids(model, tokenizer)
+    done = {}  # problem index -> its samples' (text, length, truncated)
+    for k, i in enumerate(share):
+        responses = rollouts.responses[k * samples:(k + 1) * samples]
+        done[i] = [(tokenizer.decode(r, skip_special_tokens=True), len(r),
+                    not r or r[-1] not in stops) for r in responses]  # no EOS: cut off
+    for part in gather_objects(done):
+        done.update(part)
+    flat = [done[i][j] for i in range(len(problems)) for j in range(samples)]
+    texts, lengths, truncated = (list(column) for column in zip(*flat))
     summary, rows = score(name, problems, texts, lengths, truncated, samples)
     return (summary, rows) if return_rows else summary
+
+
+def evaluate_deepplanning(model, tokenizer, data_dir, samples=1, temperature=0.0, top_p=1.0,
+                          max_new_tokens=4096, max_turns=40, max_total_tokens=40960,
+                          batch_size=32, enable_thinking=False, limit=None, seed=None,
+                          progress=False, tasks=None):
+    """avg@k over the held-out DeepPlanning tasks: k episodes per task, each scored on its hard
+    constraints. Returns (summary, one row per episode: messages, plan, verdicts).
+
+    `mean` is the average hard_fraction over every episode (TIP's metric), `personalized` the
+    average personalized_score (DeepPlanning's: 1 only when every constraint passes), and `std`
+    the spread of the k sample-wise averages of hard_fraction.
+    """
+    tasks = tasks if tasks is not None else deepplanning.split_tasks(data_dir, "heldout")[:limit]
+    share = my_share(len(tasks))
+    if seed is not None:
+        torch.manual_seed(seed * 1_009 + rank())
+    played = deepplanning.play(model, tokenizer, [tasks[i] for i in share], samples, max_turns,
+                               max_new_tokens, max_total_tokens, temperature, top_p, batch_size,
+                               enable_thinking, progress)
+    done = {}  # task index -> its k rows
+    for k, i in enumerate(share):
+        done[i] = [{"benchmark": "deepplanning", "task_id": task.id, "sample": j,
+                    "messages": episode.messages, "turns": episode.turns,
+                    "tool_calls": episode.tool_calls, "truncated": episode.truncated,
+                    "tokens": len(episode.prompt) + len(episode.response), **verdict}
+                   for j, (task, episode, verdict) in enumerate(played[k * samples:(k + 1) * samples])]
+    for part in gather_objects(done):
+        done.update(part)
+    rows = [row for i in range(len(tasks)) for row in done[i]]
+    per_sample = torch.tensor([[row["hard_fraction"] for row in done[i]] for i in range(len(tasks))],
+                              dtype=torch.float64).mean(0)  # (k,): each sample's average
+    mean = lambda key: sum(float(row[key]) for row in rows) / len(rows)  # noqa: E731
+    summary = {"benchmark": "deepplanning", "n_problems": len(tasks), "samples": samples,
+               "mean": mean("hard_fraction"), "std": per_sample.std(correction=0).item(),
+               "personalized": mean("personalized_score"), "delivered": mean("delivered"),
+               "tool_calls": mean("tool_calls"), "turns": mean("turns"),
+               "truncated": mean("truncated"), "episode_tokens": mean("tokens")}
+    return summary, rows
+
+
+def during_training(model, tokenizer, args):
+    """distill.py's periodic evaluation: mean@k of each of args.eval_benchmarks, for its log."""
+    scores = {}
+    for name in args.eval_benchmarks.split(","):
+        summary = evaluate_benchmark(
+            model, tokenizer, name, samples=args.eval_samples,
+            temperature=0.0 if args.eval_samples == 1 else 1.0, max_new_tokens=args.max_new_tokens,
+            batch_size=args.generation_batch_size, enable_thinking=args.enable_thinking,
+            limit=args.eval_limit, seed=args.seed, data_dir=args.data_dir,
+            max_turns=args.max_turns, max_total_tokens=args.max_total_tokens)
+        scores[f"eval/{name}/mean@{args.eval_samples}"] = summary["mean"]
+    return scores
+
+
+def rank():
+    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -239,8 +311,8 @@ def evaluate_benchmark(model, tokenizer, name, samples=1, temperature=0.0, max_n
 # ---------------------------------------------------------------------------------------------
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="mean@k on math benchmarks, graded with math-verify.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = loading.ArgumentParser(description="mean@k on math benchmarks, graded with math-verify; "
+                               "avg@k of hard constraints on DeepPlanning.")
     p.add_argument("--model", required=True, help="HF id or local directory (e.g. a checkpoint)")
     p.add_argument("--benchmarks", help=f"comma-separated: {', '.join(BENCHMARKS)} or --data names "
                    "(default: the --data names, else math500)")
@@ -252,13 +324,16 @@ def parse_args(argv=None):
     p.add_argument("--max-new-tokens", type=int, default=2048, help="length cap (paper: 8192)")
     p.add_argument("--batch-size", type=int, default=32, help="sequences per generate call")
     p.add_argument("--enable-thinking", action="store_true", help="Qwen3 chat-template thinking")
+    p.add_argument("--data-dir", help="deepplanning: the DeepPlanning travel folder (data/, tools/, "
+                   "agent/, database/) or its database_en / database_zh folder")
+    p.add_argument("--max-turns", type=int, default=40, help="deepplanning: turns per episode")
+    p.add_argument("--max-total-tokens", type=int, default=40960,
+                   help="deepplanning: prompt + every turn and tool answer of an episode")
     p.add_argument("--limit", type=int, help="evaluate on the first N problems of each benchmark")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (reset per benchmark)")
     p.add_argument("--output-dir", help="for scores.json and completions.jsonl "
                    "(default: runs/eval-<time>)")
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    p.add_argument("--dtype", default="auto", help="auto, float32 or bfloat16")
-    p.add_argument("--trust-remote-code", action="store_true", help="allow model repo code")
+    loading.add_model_flags(p)
     return p.parse_args(argv)
 
 
@@ -277,7 +352,9 @@ def validate(args):
     unused = [n for n in args.data if n not in names]  # most likely a typo: say so, don't ignore it
     if unused:
         raise UsageError(f"--data names {unused[0]!r}, not in --benchmarks {args.benchmarks}")
-    for flag in ("samples", "max_new_tokens", "batch_size", "limit"):
+    if "deepplanning" in names and not args.data_dir:
+        raise UsageError("the deepplanning benchmark needs --data-dir (the DeepPlanning travel folder)")
+    for flag in ("samples", "max_new_tokens", "batch_size", "limit", "max_turns", "max_total_tokens"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             raise UsageError(f"--{flag.replace('_', '-')} must be at least 1")
     if args.temperature < 0 or not 0 < args.top_p <= 1:
@@ -285,14 +362,14 @@ def validate(args):
     if args.temperature == 0 and args.samples > 1:
         raise UsageError("--temperature 0 is greedy: all samples would be the same completion; "
                          "use --samples 1 or a temperature above 0")
-    if args.dtype not in ("auto", "float32", "bfloat16"):
-        raise UsageError(f"unknown --dtype {args.dtype!r}; valid: auto, float32, bfloat16")
     args.output_dir = args.output_dir or time.strftime("runs/eval-%Y%m%d-%H%M%S")
     loading.check_writable(args.output_dir)
     return names
 
 
 def markdown_table(summaries):
+    if summaries and summaries[0]["benchmark"] == "deepplanning":
+        return deepplanning_table(summaries)
     lines = ["| benchmark | problems | k | mean@k % | ± std | pass@k % | no box % | truncated % "
              "| length |", "|---|" + "---:|" * 8]
     for s in summaries:
@@ -303,6 +380,17 @@ def markdown_table(summaries):
     return "\n".join(lines)
 
 
+def deepplanning_table(summaries):
+    lines = ["| benchmark | tasks | k | hard constraints % | ± std | all passed % | delivered % | "
+             "tool calls | turns | truncated % | tokens |", "|---|" + "---:|" * 10]
+    for s in summaries:
+        shares = [f"{100 * s[k]:.1f}" for k in ("mean", "std", "personalized", "delivered")]
+        lines.append(f"| {s['benchmark']} | {s['n_problems']} | {s['samples']} | " + " | ".join(shares)
+                     + f" | {s['tool_calls']:.1f} | {s['turns']:.1f} | {100 * s['truncated']:.1f} | "
+                     f"{s['episode_tokens']:.0f} |")
+    return "\n".join(lines)
+
+
 def run(args):
     names = validate(args)
     device, device_reason = loading.resolve_device(args.device)
@@ -310,7 +398,9 @@ def run(args):
     print("settings: " + " ".join(f"{k}={v}" for k, v in sorted(vars(args).items())))
     print(f"device: {device} ({device_reason}); dtype: {dtype} ({dtype_reason})")
     # Every benchmark is loaded before the model: a bad file fails in seconds, not after a download.
-    problems = {name: load_benchmark(name, args.data.get(name), args.limit) for name in names}
+    problems = {name: deepplanning.split_tasks(args.data_dir, "heldout")[:args.limit]
+                if name == "deepplanning" else load_benchmark(name, args.data.get(name), args.limit)
+                for name in names}
     tokenizer = loading.load_tokenizer(args.model, args.trust_remote_code)
     model = loading.load_model(args.model, device, dtype, args.trust_remote_code).eval()
     summaries, rows = [], []
@@ -320,19 +410,27 @@ def run(args):
             model, tokenizer, name, samples=args.samples, temperature=args.temperature,
             max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
             enable_thinking=args.enable_thinking, top_p=args.top_p, problems=problems[name],
-            seed=args.seed, progress=True, return_rows=True)
+            seed=args.seed, progress=True, return_rows=True, data_dir=args.data_dir,
+            max_turns=args.max_turns, max_total_tokens=args.max_total_tokens)
         summaries.append(summary)
         rows += benchmark_rows
-    print(markdown_table(summaries))
+    agentic = [s for s in summaries if s["benchmark"] == "deepplanning"]
+    print("\n\n".join(markdown_table(group) for group in
+                       ([s for s in summaries if s not in agentic], agentic) if group))
     # Files only now, when every benchmark has been scored: an error above leaves nothing behind.
     os.makedirs(args.output_dir, exist_ok=True)
     scores = {"model": args.model, "settings": vars(args),
               "benchmarks": {s["benchmark"]: s for s in summaries}}
     with open(os.path.join(args.output_dir, "scores.json"), "w") as f:
         json.dump(scores, f, indent=2)
-    with open(os.path.join(args.output_dir, "completions.jsonl"), "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in rows)
-    print(f"wrote {args.output_dir}/scores.json and completions.jsonl ({len(rows)} completions)")
+    episodes = [r for r in rows if r["benchmark"] == "deepplanning"]  # messages, plan, verdicts
+    for name, part in (("completions.jsonl", [r for r in rows if r not in episodes]),
+                       ("episodes.jsonl", episodes)):
+        if part:
+            with open(os.path.join(args.output_dir, name), "w") as f:
+                f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in part)
+    print(f"wrote {args.output_dir}/scores.json, {len(rows) - len(episodes)} completions and "
+          f"{len(episodes)} episodes")
     return scores
 
 

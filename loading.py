@@ -1,6 +1,6 @@
 """Loading what a run needs: device, dtype, tokenizers, models and prompts.
 
-The plumbing that distill.py, evaluate.py, tip.py and toy.py share. Everything that can go wrong
+The plumbing that distill.py, evaluate.py, analysis.py and toy.py share. Everything that can go wrong
 here (a missing model, an unreachable hub, mismatched tokenizers, an empty or unusable dataset)
 raises UsageError with one line that names the problem; the scripts print it and exit with 2.
 
@@ -9,10 +9,13 @@ Prompts: a message list is used as is; a plain string from a `prompt` column as 
 same text evaluate.py uses, so training and evaluation prompts match. Duplicate prompts are dropped
 and prompts longer than `max_prompt_length` tokens are skipped and counted, never truncated.
 """
+import argparse
 import json
 import os
 
 import torch
+
+from rollouts import position_ids
 
 INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
 PROMPT_FIELDS = ("prompt", "problem", "question", "messages", "query", "instruction", "input")
@@ -20,6 +23,31 @@ PROMPT_FIELDS = ("prompt", "problem", "question", "messages", "query", "instruct
 
 class UsageError(Exception):
     """Bad input: main() prints the message on one line and exits with status 2."""
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows a default where there is one; a flag whose default depends on the run says so itself."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, but a bad flag gets one line (`error: ...`, exit 2), not the usage block too, and
+    --help shows the defaults."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, formatter_class=kwargs.pop("formatter_class", HelpFormatter), **kwargs)
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (--help lists the flags)\n")
+
+
+def add_model_flags(p, dtype_help="model dtype (auto: bf16 on a GPU that supports it)"):
+    """--device, --dtype and --trust-remote-code, as every script that loads a model takes them."""
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="device")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"], help=dtype_help)
+    p.add_argument("--trust-remote-code", action="store_true", help="allow model repo code")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -67,6 +95,55 @@ def load_model(name, device, dtype, trust_remote_code=False):
         raise UsageError(f"cannot load model {name!r}: not a local directory and not reachable "
                          f"on the hub (offline use needs a local directory) [{type(e).__name__}]")
     return model.to(device)
+
+
+# The statistics and the loss take logits as hidden @ Wᵀ, projecting only the positions they need
+# (tip.py). A head that adds a bias, scales its logits or soft-caps them would be mis-scored
+# silently, so such a model is refused; these config names are the ones transformers models use.
+LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier")
+
+
+def hidden_states(model, input_ids, attention_mask):
+    """Final-layer hidden states of the backbone, without the lm_head. (B, L) -> (B, L, D)."""
+    out = model.base_model(input_ids=input_ids, attention_mask=attention_mask,
+                           position_ids=position_ids(attention_mask), use_cache=False)
+    return out.last_hidden_state
+
+
+def lm_head(model):
+    """The output projection weight (V, D); tied to the embeddings in small Qwen3 models."""
+    return model.get_output_embeddings().weight
+
+
+@torch.no_grad()
+def check_output_head(model, name):
+    """Refuse a model whose logits are not hidden_states @ lm_head.weightᵀ, with one line.
+
+    Three checks: the head has no bias; the config names no logit transform with a non-trivial
+    value; and on a few tokens the model's own logits equal the projection (catches the rest).
+    """
+    head = model.get_output_embeddings()
+    if head is None or getattr(head, "weight", None) is None:
+        raise UsageError(f"model {name!r} has no output embedding (lm_head) weight to project with")
+    if getattr(head, "bias", None) is not None:
+        raise UsageError(f"model {name!r}: its lm_head has a bias; TIP's statistics and loss "
+                         "assume logits = hidden @ Wᵀ and would mis-score it")
+    config = model.config.get_text_config()
+    for key in LOGIT_TRANSFORMS:
+        value = getattr(config, key, None)
+        if value not in (None, 1, 1.0, 0, 0.0):
+            raise UsageError(f"model {name!r}: config {key}={value} transforms the logits; TIP's "
+                             "statistics and loss assume logits = hidden @ Wᵀ and would mis-score it")
+    device = head.weight.device
+    ids = torch.arange(1, min(9, head.weight.shape[0]), device=device)[None]  # (1, 8)
+    attn = torch.ones_like(ids)  # (1, 8)
+    logits = model(input_ids=ids, attention_mask=attn, position_ids=position_ids(attn)).logits.float()
+    projected = hidden_states(model, ids, attn).float() @ head.weight.float().T  # (1, 8, V)
+    scale = projected.abs().max().clamp_min(1e-6)
+    if (logits - projected).abs().max() > 2e-2 * scale:
+        raise UsageError(f"model {name!r}: its logits differ from hidden @ lm_head.weightᵀ (by "
+                         f"{(logits - projected).abs().max():.3g}); TIP's statistics and loss would "
+                         "mis-score it")
 
 
 def check_same_tokenizer(teacher_tok, student_tok):
@@ -146,6 +223,17 @@ def encode_prompts(tokenizer, records, field, max_prompt_length, enable_thinking
         raise UsageError(f"every prompt is longer than --max-prompt-length {max_prompt_length} "
                          f"({too_long} skipped)")
     return prompts, too_long
+
+
+def prompt_order(n, step, per_step, seed):
+    """Indices of the prompts of `step` (0-based). Epoch e is the (e+1)-th permutation drawn from
+    one generator seeded with `seed`, so seeds and epochs never share a stream, and the data
+    position is a function of the step alone: a resumed run sees the same prompts."""
+    generator, perms = torch.Generator().manual_seed(seed), []
+    for j in range(step * per_step, (step + 1) * per_step):
+        while len(perms) <= j // n:
+            perms.append(torch.randperm(n, generator=generator))
+        yield int(perms[j // n][j % n])
 
 
 def looks_like_path(name):

@@ -1,23 +1,34 @@
 """Selection rules: which response tokens of each rollout to train on.
 
 Contract. A rule is a function `rule(stats, mask, keep, generator) -> (keep_mask, weights)`:
-- `stats`: dict of (B, T) tensors over a padded batch of B rollouts, one row per rollout, with
-  keys `entropy_norm` (h_t = H / log V), `h_hat` and `d_hat` (the per-batch normalised axes of
-  tip.py), `reverse_kl` (δ_t) and `forward_kl` (δ_fwd);
+- `stats`: dict of (B, T) tensors over a padded batch of B rollouts, one row per rollout, built by
+  distill.batch_statistics (the one builder, used by training, analysis, bench and the tests):
+  `entropy_norm` (h_t = H / log V), `h_hat` and `d_hat` (the per-batch normalised axes),
+  `reverse_kl` (δ_t), `forward_kl` (δ_fwd), `quadrant` (1..4, Table 1; 0 outside the mask), and
+  `entropy`, `student_top1(_p)`, `teacher_top1(_p)`;
 - `mask`: (B, T) bool, True at the response positions that may be trained on;
-- `keep`: the keep ratio ρ in (0, 1]; each rollout keeps exactly max(1, ⌊ρ·m⌋) of its m positions
-  (the paper keeps ⌊ρ·m⌋; the floor of 1 is ours, so that a short rollout still trains);
+- `keep`: the keep ratio ρ in (0, 1]; the paper's rules keep exactly max(1, ⌊ρ·m⌋) of each
+  rollout's m positions (the paper keeps ⌊ρ·m⌋; the floor of 1 is ours, so a short rollout trains);
 - `generator`: a torch.Generator for the sampling rules, so a seed fixes the selection.
-It returns a (B, T) bool keep mask (never True outside `mask`) and, for the sampling rules, (B, T)
-importance weights ∝ 1/p_t on the kept positions (None for deterministic rules). The weights are
-self-normalised to average 1 over each rollout's kept tokens (a ratio estimator, on the scale of the
-plain mean); distill.py uses them only with --importance-weights (the paper trains with a plain
-mean). Sampling without replacement uses Gumbel top-k, which draws exactly the successive
-sampling design; its inclusion probabilities have no closed form, so p_t is the standard πps
-approximation min(1, k·h_t / Σ h), with the cap redistributed.
+It returns a (B, T) bool keep mask, never True outside `mask` (`select` checks this and names the
+rule that breaks it), and, for the sampling rules, (B, T) importance weights ∝ 1/p_t on the kept
+positions (None for deterministic rules). A rule may keep any number of tokens, e.g. every token
+above a threshold: distill.py divides the step's summed loss by the number of tokens actually kept
+in the whole step, so a rule's count never acts as a hidden learning-rate change. A rule with
+hyperparameters is registered with them bound, e.g. `functools.partial(select_d_hat_above,
+threshold=0.7)` (below).
 
-Adding a rule is one function and one line in RULES (see the README).
+The importance weights are self-normalised to average 1 over each rollout's kept tokens (a ratio
+estimator, on the scale of the plain mean); distill.py uses them only with --importance-weights
+(the paper trains with a plain mean). Sampling without replacement uses Gumbel top-k, which draws
+exactly the successive sampling design; its inclusion probabilities have no closed form, so p_t is
+the standard πps approximation min(1, k·h_t / Σ h), with the cap redistributed.
+
+Adding a rule is one function and one line in RULES (see the README). Definitions and the paper's
+keep ratios: docs/method.md, "Selection rules".
 """
+import functools
+
 import torch
 
 # ---------------------------------------------------------------------------------------------
@@ -84,7 +95,7 @@ def importance_weights(prob, mask, kept, keep):
 
 
 # ---------------------------------------------------------------------------------------------
-# The rules (definitions: ../shared/TIP.md, "Selection rules").
+# The rules (definitions: docs/method.md, "Selection rules").
 # ---------------------------------------------------------------------------------------------
 
 
@@ -136,6 +147,12 @@ def select_soft_or_bottom(stats, mask, keep, generator):
     return top_k_per_rollout(-soft_or_score(stats["h_hat"], stats["d_hat"]), mask, keep), None
 
 
+def select_d_hat_above(stats, mask, keep, generator, threshold=0.7):
+    """d-hat-above-0.7 [ours]: every token with δ̂ > threshold, whatever keep says; an example of a
+    rule with a hyperparameter and a token count of its own (none kept in some rollouts)."""
+    return (stats["d_hat"] > threshold) & mask, None
+
+
 RULES = {
     "all": select_all,
     "random": select_random,
@@ -145,7 +162,12 @@ RULES = {
     "q3": select_q3,
     "divergence": select_divergence,
     "soft-or-bottom": select_soft_or_bottom,
+    "d-hat-above-0.7": functools.partial(select_d_hat_above, threshold=0.7),
 }
+
+
+class RuleContractError(ValueError):
+    """A rule returned something other than a (B, T) bool mask inside the response mask."""
 
 
 def get_rule(name):
@@ -167,4 +189,11 @@ def select(name, stats, mask, keep, generator=None):
     rule = get_rule(name)
     if generator is None:
         generator = torch.Generator().manual_seed(0)
-    return rule(stats, mask, keep, generator)
+    kept, weights = rule(stats, mask, keep, generator)
+    if kept.dtype != torch.bool or kept.shape != mask.shape or (kept & ~mask).any():
+        raise RuleContractError(
+            f"rule {name!r} broke the rule contract (selection.py): it must return a "
+            f"{tuple(mask.shape)} bool mask that is True only at response positions, got "
+            f"{kept.dtype} {tuple(kept.shape)}" + (" with positions outside the response mask"
+                                                  if kept.shape == mask.shape else ""))
+    return kept, weights

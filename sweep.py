@@ -3,7 +3,6 @@
     python sweep.py                          # SWEEP x seeds 0,1,2, 100 steps each (~35 min, 2 CPUs)
     python sweep.py --steps 20 --seeds 0     # a quick look
     python sweep.py --configs all@1,my-rule@0.5,entropy@0.5   # your own rule against the baselines
-    python toy.py sweep ...                  # the same command
 
 Every run is `distill.train` on the toy pair (toy.py; built first if missing) with the toy's laptop
 settings (toy.DISTILL_DEFAULTS) except a gentler peak lr (LR: these runs are half as long as the
@@ -45,7 +44,7 @@ def run_args(teacher_dir, student_dir, rule, keep, seed, steps, output_dir):
                                "--prompts-per-step", str(PROMPTS_PER_STEP),
                                "--output-dir", os.path.join(output_dir, f"{rule}-{keep:g}-seed{seed}")])
     distill.validate(args)
-    for name, value in toy.DISTILL_DEFAULTS.items():
+    for name, value in distill.TOY_DEFAULTS.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
     args.toy = False  # evaluation follows --eval-every, not the toy's before/after default
@@ -83,8 +82,8 @@ def plot_sweep(rows, start, path):
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(10, 4.5), dpi=100)
     labels = [f"{r['rule']}@{r['keep']:g}" for r in rows]
-    ax.bar(range(len(rows)), [r["accuracy"] for r in rows], yerr=[r["std"] for r in rows],
-           color=["0.3" if r["rule"] == "all" else "tab:blue" for r in rows], capsize=3)
+    bars = ax.bar(range(len(rows)), [r["accuracy"] for r in rows], yerr=[r["std"] for r in rows],
+                  color=["0.3" if r["rule"] == "all" else "tab:blue" for r in rows], capsize=3)
     ax.axhline(start, color="tab:red", ls="--", label=f"student before: {start:.1f}%")
     ax.set_xticks(range(len(rows)), labels, rotation=45, ha="right")
     ax.set_ylabel("held-out accuracy % (greedy)")
@@ -93,6 +92,7 @@ def plot_sweep(rows, start, path):
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+    return {label: bar.get_height() for label, bar in zip(labels, bars)}  # what was drawn
 
 
 def sweep(teacher_dir, student_dir, output_dir, steps=STEPS, seeds=(0, 1, 2), configs=SWEEP):

@@ -1,14 +1,13 @@
 """TIP's two axes and four quadrants: student entropy and teacher-student divergence per token.
 
 Contract. The math is pure functions over tensors, with no model, tokenizer, file or print inside;
-distill.py, the notebook, the tests and people's forks import these exact names. `python tip.py`
-runs the quadrant analysis (tables and pictures of where the signal is), which lives in
-analysis.py so that this file stays the math.
+distill.py, analysis.py, bench.py, the notebook, the tests and people's forks import these exact
+names. The method they implement, with the paper's equations and every departure from it, is
+docs/method.md; the quadrant analysis CLI is analysis.py.
 
 Notation: `V` vocabulary, `N` response positions (flattened), `D` hidden size, `B` rollouts and
 `T` positions when a batch is kept padded. P_S is the student's next-token distribution, P_T the
-frozen teacher's, both at the same context c_t = (x, y_<t). All divergence math runs in fp32,
-whatever dtype the models run in.
+frozen teacher's, both at the same context c_t = (x, y_<t).
 
     entropy(z)              H(P_S) = -Σ_v P_S(v) log P_S(v)                       (Eq. 2, raw nats)
     reverse_kl(zs, zt)      KL(P_S ‖ P_T) = Σ_v P_S (log P_S - log P_T)           (Eq. 1, Eq. 3)
@@ -18,12 +17,12 @@ whatever dtype the models run in.
     chunked_divergence(...) the training loss Σ w_t·D_t from hidden states, chunked, with gradient
     normalize_entropy / normalize_divergence                                      (Sections 6, 7.3)
     classify_quadrants      Q1..Q4 of Table 1;  quadrant_summary  shares of tokens and KL mass
+    normalized_axes         ĥ, δ̂ and the quadrants of a batch: the rule inputs beyond token_stats
 
-Where this departs from the paper ([ours] in ../shared/TIP.md):
-- The high/low split of each axis is the per-batch median of the normalised axis unless given.
-- An axis that is constant over the batch carries no ranking information and normalises to 0.
-- Percentiles are nearest-rank via `torch.kthvalue` (`torch.quantile` fails above 2^24 elements).
-
+Precision. Logits are projected in fp32 (`project`: autocast off, hidden rows and head upcast), and
+every softmax and divergence runs in fp32, whatever dtype the models run in. Under bf16 autocast a
+bf16 projection would put a few percent of relative error on small divergences and scramble their
+ranking, which is what the selection rules act on; bench.py measures what fp32 costs.
 """
 import math
 
@@ -97,6 +96,15 @@ def divergence(name, student_logits, teacher_logits, beta=0.5):
     raise ValueError(f"unknown loss {name!r}; valid: reverse_kl, forward_kl, jsd")
 
 
+def project(hidden, head):
+    """Logits hidden @ headᵀ in fp32, also under autocast. (n, D), (V, D) -> (n, V).
+
+    Callers upcast the head once per call (a no-op for fp32 weights) and pass chunks of rows.
+    """
+    with torch.autocast(hidden.device.type, enabled=False):
+        return hidden.float() @ head.float().T
+
+
 # ---------------------------------------------------------------------------------------------
 # Per-token statistics from hidden states, chunk by chunk: no (N, V) tensor ever exists.
 # ---------------------------------------------------------------------------------------------
@@ -112,7 +120,7 @@ def token_stats(student_hidden, student_head, teacher_hidden, teacher_head, chun
     reverse_kl (δ_t, Eq. 3), forward_kl, and the top-1 token and its probability for each model.
     """
     vocab = min(student_head.shape[0], teacher_head.shape[0])
-    ws, wt = student_head[:vocab], teacher_head[:vocab]  # (V, D_s), (V, D_t)
+    ws, wt = student_head[:vocab].float(), teacher_head[:vocab].float()  # (V, D_s), (V, D_t)
     # Σ_v a_v b_v per row as a batched (1, V) @ (V, 1) product: no (n, V) temporary
     dot = lambda a, b: (a.unsqueeze(1) @ b.unsqueeze(-1)).view(-1)  # noqa: E731
     out = {k: [] for k in ("entropy", "reverse_kl", "forward_kl", "student_top1", "student_top1_p",
@@ -120,8 +128,8 @@ def token_stats(student_hidden, student_head, teacher_hidden, teacher_head, chun
     for i in range(0, student_hidden.shape[0], chunk_size):
         # Three (n, V) buffers at a time, reused in place: this pass sets the peak memory of a
         # training step, since the loss touches only the kept positions.
-        logp_s = F.log_softmax((student_hidden[i:i + chunk_size] @ ws.T).float(), -1)  # (n, V)
-        logp_t = F.log_softmax((teacher_hidden[i:i + chunk_size] @ wt.T).float(), -1)  # (n, V)
+        logp_s = F.log_softmax(project(student_hidden[i:i + chunk_size], ws), -1)  # (n, V)
+        logp_t = F.log_softmax(project(teacher_hidden[i:i + chunk_size], wt), -1)  # (n, V)
         p = logp_s.exp()  # (n, V): P_S
         out["entropy"].append(-dot(p, logp_s))
         for who, logp in (("student", logp_s), ("teacher", logp_t)):
@@ -157,17 +165,18 @@ class _ChunkedDivergence(torch.autograd.Function):
         total = torch.zeros((), dtype=torch.float32, device=student_hidden.device)
         for i in range(0, student_hidden.shape[0], chunk_size):
             hs = student_hidden[i:i + chunk_size]  # (n, D_s)
-            zt = teacher_hidden[i:i + chunk_size] @ teacher_head.T  # (n, V)
+            zt = project(teacher_hidden[i:i + chunk_size], teacher_head)  # (n, V) fp32
             with torch.enable_grad():  # a small graph from this chunk's logits to its loss
-                zs = (hs @ student_head.T).requires_grad_()  # (n, V)
+                zs = project(hs, student_head).requires_grad_()  # (n, V) fp32
                 per_token = divergence(loss, zs, zt, beta)  # (n,) fp32
                 if weights is not None:
                     per_token = per_token * weights[i:i + chunk_size]
                 g, = torch.autograd.grad(per_token.sum(), zs)  # (n, V): dD/dz_S
             total += per_token.detach().sum()
-            grad_hidden[i:i + chunk_size] = g @ student_head  # (n, D_s)
-            if grad_head is not None:
-                grad_head += g.T @ hs  # (V, D_s)
+            with torch.autocast(hs.device.type, enabled=False):  # the gradients in fp32 too
+                grad_hidden[i:i + chunk_size] = g @ student_head.float()  # (n, D_s)
+                if grad_head is not None:
+                    grad_head += g.T @ hs.float()  # (V, D_s)
             del zs, zt, per_token, g
         ctx.save_for_backward(grad_hidden, grad_head)
         return total
@@ -190,7 +199,8 @@ def chunked_divergence(student_hidden, student_head, teacher_hidden, teacher_hea
     """
     vocab = min(student_head.shape[0], teacher_head.shape[0])
     return _ChunkedDivergence.apply(student_hidden, student_head[:vocab], teacher_hidden.detach(),
-                                    teacher_head[:vocab].detach(), weights, loss, beta, chunk_size)
+                                    teacher_head[:vocab].detach().float(), weights, loss, beta,
+                                    chunk_size)
 
 
 def to_padded(flat, mask):
@@ -263,39 +273,19 @@ def classify_quadrants(h_hat, d_hat, mask, h_threshold=None, d_threshold=None):
     return torch.where(mask, quadrant, 0), (float(h_threshold), float(d_threshold))
 
 
+def normalized_axes(entropy_values, reverse_kl_values, h_threshold=None, d_threshold=None):
+    """ĥ, δ̂ and the quadrant of each of N positions that form one batch. (N,), (N,) ->
+    ({"h_hat", "d_hat", "quadrant"} of (N,) each, (h_threshold, d_threshold) used)."""
+    every = torch.ones_like(entropy_values, dtype=torch.bool)  # (N,)
+    h_hat = normalize_entropy(entropy_values, every)  # (N,)
+    d_hat = normalize_divergence(reverse_kl_values, every)  # (N,)
+    quadrant, thresholds = classify_quadrants(h_hat, d_hat, every, h_threshold, d_threshold)
+    return {"h_hat": h_hat, "d_hat": d_hat, "quadrant": quadrant}, thresholds
+
+
 def quadrant_summary(quadrant, reverse_kl_values, mask):
     """Per quadrant: share of the masked tokens and share of their total reverse-KL mass."""
     q, d = quadrant[mask], reverse_kl_values[mask].float()  # (N,) each
     total_n, total_kl = max(q.numel(), 1), d.sum().clamp_min(1e-12)
     return {k: {"share": (q == k).sum().item() / total_n,
                 "kl_share": (d[q == k].sum() / total_kl).item()} for k in QUADRANTS}
-
-
-# ---------------------------------------------------------------------------------------------
-# Quadrant analysis: tables (pure functions), pictures and the CLI.
-# ---------------------------------------------------------------------------------------------
-
-def quadrant_table(stats, mask, h_threshold=None, d_threshold=None):
-    """Per quadrant: token share, reverse-KL mass share, mean h (entropy / log V) and mean δ.
-
-    `stats` holds (B, T) tensors `entropy`, `entropy_norm`, `reverse_kl`; ĥ, δ̂ and the quadrants
-    are computed here over the whole batch. Returns (rows, thresholds, stats with h_hat, d_hat,
-    quadrant added).
-    """
-    stats = dict(stats, h_hat=normalize_entropy(stats["entropy"], mask),
-                 d_hat=normalize_divergence(stats["reverse_kl"], mask))
-    stats["quadrant"], thresholds = classify_quadrants(stats["h_hat"], stats["d_hat"], mask,
-                                                       h_threshold, d_threshold)
-    summary = quadrant_summary(stats["quadrant"], stats["reverse_kl"], mask)
-    rows = []
-    for q, name in QUADRANTS.items():
-        sel = stats["quadrant"] == q
-        mean = lambda x: x[sel].float().mean().item() if sel.any() else float("nan")  # noqa: E731
-        rows.append({"quadrant": name, **summary[q], "mean_h": mean(stats["entropy_norm"]),
-                     "mean_kl": mean(stats["reverse_kl"])})
-    return rows, thresholds, stats
-
-
-if __name__ == "__main__":  # the quadrant analysis CLI lives in analysis.py
-    import analysis
-    analysis.main()

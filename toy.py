@@ -3,7 +3,6 @@ Qwen3 models trained on the CPU, so that `python distill.py` distils a real stud
 
     python toy.py                     # build teacher + student once (~2.5 min on 2 CPU cores)
     python toy.py --cache-dir DIR     # build elsewhere (or set TIP_TOY_CACHE); --force rebuilds
-    python toy.py sweep               # the paper's table in miniature: sweep.py
 
 Contract (what the other files import):
   make_problems(n, seed)            n distinct items {"problem", "solution", "answer"}
@@ -39,7 +38,6 @@ own most likely tokens (at the first wrong token of a greedy answer, typically p
 teacher gives that token < 1%: a wrong digit sum, a wrong read-back), not the noise of a model too
 small to learn the task.
 """
-import argparse
 import hashlib
 import json
 import math
@@ -47,7 +45,6 @@ import os
 import random
 import re
 import shutil
-import sys
 import tempfile
 import time
 
@@ -58,7 +55,8 @@ from transformers import PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
 
 # The prompt is loading.py's (problem + INSTRUCTION in the chat template), so the toy models are
 # trained on exactly the text that distill.py and evaluate.py feed them.
-from loading import INSTRUCTION, format_problem, render_prompt  # noqa: F401 (re-exported)
+from loading import ArgumentParser, INSTRUCTION, format_problem, render_prompt  # noqa: F401 (re-exported)
+from rollouts import sample
 
 # ---------------------------------------------------------------------------------------------
 # The task
@@ -153,19 +151,12 @@ def greedy_accuracy(model, tokenizer, items, batch_size=128, max_new_tokens=48):
     """Share of `items` whose greedy answer boxes exactly the right answer string. This is the
     toy's own quick check (integers only); evaluate.py grades real benchmarks. The longest
     solution is 40 tokens with its <|im_end|>, so 48 new tokens never cut a right answer."""
-    correct = 0
-    for start in range(0, len(items), batch_size):
-        batch = items[start : start + batch_size]
-        # Left padding: generate appends on the right; positions follow from the attention mask.
-        prompts = [render_prompt(tokenizer, it["problem"], "problem") for it in batch]
-        enc = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left")  # (B, T)
-        out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
-                             eos_token_id=tokenizer.eos_token_id,
-                             pad_token_id=tokenizer.pad_token_id)  # (B, T + new)
-        new = out[:, enc["input_ids"].shape[1] :]  # (B, new)
-        texts = tokenizer.batch_decode(new, skip_special_tokens=True)
-        correct += sum(last_boxed(t) == it["answer"] for t, it in zip(texts, batch))
-    return correct / len(items)
+    prompts = [tokenizer(render_prompt(tokenizer, it["problem"], "problem"),
+                         add_special_tokens=False)["input_ids"] for it in items]
+    rollouts = sample(model, tokenizer, prompts, 1, max_new_tokens, temperature=0.0,
+                      batch_size=batch_size)  # rollouts.sample: the one sampling code path
+    texts = tokenizer.batch_decode(rollouts.responses, skip_special_tokens=True)
+    return sum(last_boxed(t) == it["answer"] for t, it in zip(texts, items)) / len(items)
 
 
 def train(model, tokenizer, items, s, seed):
@@ -308,12 +299,8 @@ def build(cache_dir=None, seed=0, force=False, quick=False):
 
 
 def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["sweep"]:  # the rule sweep on this pair lives in sweep.py
-        import sweep
-        return sweep.main(argv[1:])
-    p = argparse.ArgumentParser(description="Build the toy teacher/student pair "
-                                "(`python toy.py sweep --help`: the rule sweep).")
+    p = ArgumentParser(description="Build the toy teacher/student pair (`python sweep.py`: the "
+                       "rule sweep on it).")
     p.add_argument("command", nargs="?", default="build", choices=["build"],
                    help="build: train and save the pair, or reuse a valid cache")
     p.add_argument("--cache-dir", default=None, help="cache folder (default: $TIP_TOY_CACHE, "

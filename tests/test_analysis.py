@@ -1,4 +1,4 @@
-"""The quadrant analysis (`python tip.py`, analysis.py): tables against direct computation, and its files."""
+"""The quadrant analysis (`python analysis.py`): tables against direct computation, and its files."""
 import os
 import re
 import subprocess
@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import analysis
+import distill
 import tip
 from helpers import make_tiny_pair, write_jsonl
 
@@ -18,14 +19,17 @@ def fixed_batch():
     mask = torch.tensor([[True, True, True, True, False], [True, True, True, True, True]])
     entropy = torch.tensor([[0.1, 2.0, 0.2, 1.5, 9.0], [0.05, 1.8, 0.3, 0.4, 2.2]])
     rkl = torch.tensor([[3.0, 0.1, 0.05, 2.0, 9.0], [0.01, 1.0, 2.5, 0.02, 0.3]])
-    stats = {"entropy": entropy, "entropy_norm": entropy / 5, "reverse_kl": rkl,
-             "forward_kl": 2 * rkl}
-    return stats, mask
+    flat = {"entropy": entropy[mask], "entropy_norm": entropy[mask] / 5, "reverse_kl": rkl[mask],
+            "forward_kl": 2 * rkl[mask]}
+    return flat, mask
 
 
 def test_quadrant_table_matches_direct_computation():
-    stats, mask = fixed_batch()
-    rows, (th, td), out = tip.quadrant_table(stats, mask, h_threshold=0.5, d_threshold=0.5)
+    flat, mask = fixed_batch()
+    out, (th, td) = distill.rule_inputs(flat, mask, h_threshold=0.5, d_threshold=0.5,
+                                        return_thresholds=True)
+    rows = analysis.quadrant_table(out, mask)
+    stats = tip.to_padded(flat, mask)
     h_hat = tip.normalize_entropy(stats["entropy"], mask)
     d_hat = tip.normalize_divergence(stats["reverse_kl"], mask)
     high_h, high_d = (h_hat > 0.5) & mask, (d_hat > 0.5) & mask
@@ -43,8 +47,8 @@ def test_quadrant_table_matches_direct_computation():
 
 
 def test_coverage_table_matches_direct_computation():
-    stats, mask = fixed_batch()
-    _, _, stats = tip.quadrant_table(stats, mask)
+    flat, mask = fixed_batch()
+    stats = distill.rule_inputs(flat, mask)
     rows = analysis.coverage_table(stats, mask, ["soft-or", "entropy-topk"], [0.5], seed=0)
     import selection
     for row in rows:
@@ -62,7 +66,7 @@ def cli_run(tmp_path_factory):
     teacher, student = make_tiny_pair(root)
     data = write_jsonl(root / "p.jsonl", [{"problem": f"{a}+{a}=?"} for a in range(5)])
     out = root / "out"
-    r = subprocess.run([sys.executable, os.path.join(REPO, "tip.py"), "--teacher", teacher,
+    r = subprocess.run([sys.executable, os.path.join(REPO, "analysis.py"), "--teacher", teacher,
                         "--student", student, "--dataset", data, "--prompts", "3",
                         "--samples-per-prompt", "2", "--max-new-tokens", "12", "--output-dir", str(out)],
                        capture_output=True, text=True, timeout=300)
@@ -74,8 +78,8 @@ def test_analysis_cli_prints_tables_and_writes_files(cli_run):
     r, out = cli_run
     assert "| Q3 low h, high δ |" in r.stdout and "| soft-or | 0.500 |" in r.stdout
     from PIL import Image
-    assert Image.open(out / "quadrants.png").size == (800, 800)
-    assert Image.open(out / "coverage.png").size == (1200, 500)
+    for name in ("quadrants.png", "coverage.png"):
+        Image.open(out / name).verify()  # a complete PNG (what is drawn: the tests below)
     page = (out / "tokens.html").read_text()
     assert "<script" not in page and "http" not in page  # offline: nothing external
     # one coloured span per response token of the rollouts shown (6 rollouts, ≤ 12 tokens each)
@@ -85,8 +89,17 @@ def test_analysis_cli_prints_tables_and_writes_files(cli_run):
     assert len(spans) == n_tokens  # all 6 rollouts are shown, so every token is a span
 
 
+def test_plots_draw_the_data(tmp_path):
+    flat, mask = fixed_batch()
+    stats, thresholds = distill.rule_inputs(flat, mask, return_thresholds=True)
+    drawn = analysis.plot_quadrants(stats, mask, thresholds, tmp_path / "q.png")
+    assert drawn == {q: int(((stats["quadrant"] == q) & mask).sum()) for q in range(1, 5)}
+    rows = analysis.coverage_table(stats, mask, ["soft-or", "q3"], [0.5, 0.2])
+    bars = analysis.plot_coverage(rows, tmp_path / "c.png")
+    assert bars == {q: pytest.approx([r[f"q{q}_kept"] for r in rows]) for q in range(1, 5)}
+
+
 def test_plot_handles_runs_with_and_without_eval(tmp_path):
-    from PIL import Image
     base = {"loss": 0.5, "reverse_kl": 0.4, **{f"q{q}_kept_share": 0.25 for q in range(1, 5)}}
     for name, evals in (("a", False), ("b", True)):
         rows = [{"step": s, **base} for s in (1, 2, 3)]
@@ -94,22 +107,25 @@ def test_plot_handles_runs_with_and_without_eval(tmp_path):
             rows = [{"step": 0, "eval/toy/mean@1": 0.3}] + rows
             rows[-1]["eval/toy/mean@1"] = 0.5
         write_jsonl(tmp_path / name / "metrics.jsonl", rows) if os.makedirs(tmp_path / name) is None else None
-    r = subprocess.run([sys.executable, os.path.join(REPO, "tip.py"), "plot", str(tmp_path / "a"),
-                        "--output", str(tmp_path / "one.png")], capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr
-    analysis.plot_runs([tmp_path / "a", tmp_path / "b"], tmp_path / "two.png")
-    assert Image.open(tmp_path / "one.png").size == (1200, 800)
-    assert os.path.getsize(tmp_path / "two.png") > os.path.getsize(tmp_path / "one.png")
+    r = subprocess.run([sys.executable, os.path.join(REPO, "analysis.py"), "plot",
+                        str(tmp_path / "a"), "--output", str(tmp_path / "one.png")],
+                       capture_output=True, text=True)
+    assert r.returncode == 0 and (tmp_path / "one.png").is_file(), r.stderr
+    drawn = analysis.plot_runs([tmp_path / "a", tmp_path / "b"], tmp_path / "two.png")
+    loss = "loss (kept tokens)"
+    assert drawn[(loss, "a")] == drawn[(loss, "b")] == ([1, 2, 3], [0.5, 0.5, 0.5])
+    assert drawn[("evaluation score", "b toy/mean@1")] == ([0, 3], [0.3, 0.5])
+    assert not any(label.startswith("a ") for title, label in drawn if title == "evaluation score")
 
 
 def test_bad_input(tmp_path):
-    r = subprocess.run([sys.executable, os.path.join(REPO, "tip.py"), "plot", str(tmp_path)],
+    r = subprocess.run([sys.executable, os.path.join(REPO, "analysis.py"), "plot", str(tmp_path)],
                        capture_output=True, text=True)
     assert r.returncode == 2 and "holds no metrics.jsonl" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_analysis_refuses_a_non_writable_output_dir(tmp_path):
     (tmp_path / "afile").write_text("x")
-    r = subprocess.run([sys.executable, os.path.join(REPO, "tip.py"), "--output-dir",
+    r = subprocess.run([sys.executable, os.path.join(REPO, "analysis.py"), "--output-dir",
                         str(tmp_path / "afile" / "out")], capture_output=True, text=True)
     assert r.returncode == 2 and "is not writable" in r.stderr and "Traceback" not in r.stderr

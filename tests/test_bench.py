@@ -65,3 +65,5 @@ def test_quick_run_prints_the_table_with_ratios(tmp_path, capsys):
     assert any(line.startswith("| naive | 1 | all | off |") and "| 1.00 |" in line for line in table)
     assert sum(line.startswith("target ") for line in printed.splitlines()) == 3
     assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    cost = [line for line in printed.splitlines() if line.startswith("precision: ")]
+    assert len(cost) == 1 and "fp32" in cost[0] and "MiB once per call" in cost[0]

@@ -10,8 +10,12 @@ import torch
 
 import distill
 import loading
+import selection
 import tip
+from bench import unfused_loss
 from helpers import make_model, make_tokenizer, write_jsonl
+from loading import hidden_states, lm_head
+from rollouts import collate, pad_id, position_ids, sample, stop_ids
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -44,13 +48,13 @@ def rollouts_for(tok, student, n_prompts=3, samples=2, max_new_tokens=12, seed=0
     records = loading.load_records(os.path.join(os.path.dirname(tok.name_or_path), "prompts.jsonl"))
     prompts, _ = loading.encode_prompts(tok, records[:n_prompts], "problem", 1024)
     torch.manual_seed(seed)
-    return distill.sample(student, tok, prompts, samples, max_new_tokens)
+    return sample(student, tok, prompts, samples, max_new_tokens)
 
 
 def naive_loss(student, teacher, rollouts, pad, loss="reverse_kl", beta=0.5, kept=None):
     """Reference: full (B, L, V) logits from the models' own forward, then mask and sum."""
-    ids, attn, mask = distill.collate(rollouts.prompts, rollouts.responses, pad)
-    pos = distill.position_ids(attn)
+    ids, attn, mask = collate(rollouts.prompts, rollouts.responses, pad)
+    pos = position_ids(attn)
     zs = student(input_ids=ids, attention_mask=attn, position_ids=pos).logits  # (B, L, V_s)
     with torch.no_grad():
         zt = teacher(input_ids=ids, attention_mask=attn, position_ids=pos).logits  # (B, L, V_t)
@@ -61,19 +65,20 @@ def naive_loss(student, teacher, rollouts, pad, loss="reverse_kl", beta=0.5, kep
 
 @pytest.mark.parametrize("loss,beta", [("reverse_kl", 0.5), ("forward_kl", 0.5), ("jsd", 0.3)])
 @pytest.mark.parametrize("chunk_size,fused", [(1, True), (7, True), (10_000, True), (5, False)])
+# fused: tip.chunked_divergence, distill.py's loss; not fused: bench.py's plain-autograd comparison
 def test_selected_loss_equals_naive_values_and_gradients(pair, loss, beta, chunk_size, fused):
     tok, teacher, student = load_pair(pair)
     rollouts = rollouts_for(tok, student)
-    ref, mask = naive_loss(student, teacher, rollouts, distill.pad_id(tok), loss, beta)
+    ref, mask = naive_loss(student, teacher, rollouts, pad_id(tok), loss, beta)
     ref.backward()
     ref_grads = [p.grad.clone() for p in student.parameters()]
     student.zero_grad()
-    ids, attn, mask = distill.collate(rollouts.prompts, rollouts.responses, distill.pad_id(tok))
-    h_s = distill.hidden_states(student, ids, attn)
+    ids, attn, mask = collate(rollouts.prompts, rollouts.responses, pad_id(tok))
+    h_s = hidden_states(student, ids, attn)
     with torch.no_grad():
-        h_t = distill.hidden_states(teacher, ids, attn)
-    got = distill.selected_loss(h_s[mask], distill.lm_head(student), h_t[mask],
-                                distill.lm_head(teacher), loss, beta, chunk_size, fused=fused)
+        h_t = hidden_states(teacher, ids, attn)
+    loss_fn = tip.chunked_divergence if fused else unfused_loss
+    got = loss_fn(h_s[mask], lm_head(student), h_t[mask], lm_head(teacher), loss, beta, chunk_size)
     got.backward()
     assert got.item() == pytest.approx(ref.item(), rel=1e-5)
     for p, g in zip(student.parameters(), ref_grads):
@@ -89,12 +94,12 @@ def test_step_loss_on_selected_positions_equals_naive(pair, rule, keep):
     metrics = distill.opd_step(student, teacher, rollouts, cfg, gen, {})
     grads = [p.grad.clone() for p in student.parameters()]
     # reproduce the same selection by hand, then the naive masked loss
-    ids, attn, mask = distill.collate(rollouts.prompts, rollouts.responses, cfg.pad_id)
+    ids, attn, mask = collate(rollouts.prompts, rollouts.responses, cfg.pad_id)
     with torch.no_grad():
-        stats = distill.batch_statistics(distill.hidden_states(student, ids, attn),
-                                         distill.lm_head(student), distill.hidden_states(teacher, ids, attn),
-                                         distill.lm_head(teacher), mask, 3)
-    kept, _ = distill.selection.select(rule, stats, mask, keep, torch.Generator().manual_seed(5))
+        stats = distill.batch_statistics(hidden_states(student, ids, attn),
+                                         lm_head(student), hidden_states(teacher, ids, attn),
+                                         lm_head(teacher), mask, 3)
+    kept, _ = selection.select(rule, stats, mask, keep, torch.Generator().manual_seed(5))
     student.zero_grad()
     ref, _ = naive_loss(student, teacher, rollouts, cfg.pad_id, kept=kept)
     (ref / kept.sum()).backward()
@@ -106,7 +111,7 @@ def test_step_loss_on_selected_positions_equals_naive(pair, rule, keep):
 
 def _cfg(tok, **kw):
     base = dict(rule="all", keep=1.0, loss="reverse_kl", beta=0.5, importance_weights=False,
-                micro_batch_size=100, chunk_size=512, dtype=torch.float32, pad_id=distill.pad_id(tok))
+                micro_batch_size=100, chunk_size=512, dtype=torch.float32, pad_id=pad_id(tok))
     base.update(kw)
     return distill.argparse.Namespace(**base)
 
@@ -139,11 +144,11 @@ def test_student_equal_to_teacher_gives_zero_loss(pair):
     tok, _, student = load_pair(pair)
     twin = loading.load_model(pair["student"], torch.device("cpu"), torch.float32).eval().requires_grad_(False)
     rollouts = rollouts_for(tok, student)
-    ids, attn, mask = distill.collate(rollouts.prompts, rollouts.responses, distill.pad_id(tok))
+    ids, attn, mask = collate(rollouts.prompts, rollouts.responses, pad_id(tok))
     with torch.no_grad():
-        h = distill.hidden_states(student, ids, attn)
-        stats = distill.batch_statistics(h, distill.lm_head(student), distill.hidden_states(twin, ids, attn),
-                                         distill.lm_head(twin), mask, 4)
+        h = hidden_states(student, ids, attn)
+        stats = distill.batch_statistics(h, lm_head(student), hidden_states(twin, ids, attn),
+                                         lm_head(twin), mask, 4)
     assert stats["reverse_kl"][mask].abs().max() < 1e-5
     metrics = distill.opd_step(student, twin, rollouts, _cfg(tok), torch.Generator().manual_seed(0),
                                {})
@@ -151,7 +156,7 @@ def test_student_equal_to_teacher_gives_zero_loss(pair):
 
 
 def test_collate_masks_only_response_tokens_up_to_eos():
-    ids, attn, mask = distill.collate([[5, 6, 7], [8]], [[10, 11, 2], [12]], pad=0)
+    ids, attn, mask = collate([[5, 6, 7], [8]], [[10, 11, 2], [12]], pad=0)
     assert ids.tolist() == [[5, 6, 7, 10, 11, 2], [0, 0, 8, 12, 0, 0]]
     assert attn.tolist() == [[1, 1, 1, 1, 1, 1], [0, 0, 1, 1, 0, 0]]
     # position i predicts token i+1: rows' loss positions are the ones before each response token
@@ -162,8 +167,8 @@ def test_sample_cuts_after_first_eos_and_positions_match_generate(pair):
     tok, _, student = load_pair(pair)
     records = loading.load_records(pair["data"])
     prompts, _ = loading.encode_prompts(tok, records[:4], "problem", 1024)
-    rollouts = distill.sample(student, tok, prompts, 1, 10, temperature=0.0, batch_size=4)
-    eos = distill.stop_ids(student, tok)
+    rollouts = sample(student, tok, prompts, 1, 10, temperature=0.0, batch_size=4)
+    eos = stop_ids(student, tok)
     for r in rollouts.responses:
         assert all(t not in eos for t in r[:-1])  # nothing after the first EOS
     # the training forward (explicit positions over left padding) reproduces generate's logits
@@ -174,9 +179,9 @@ def test_sample_cuts_after_first_eos_and_positions_match_generate(pair):
                            output_logits=True, return_dict_in_generate=True, pad_token_id=0)
     full = torch.cat([attn, torch.ones(len(prompts), 3, dtype=torch.long)], 1)
     with torch.no_grad():
-        h = distill.hidden_states(student, out.sequences, full)
+        h = hidden_states(student, out.sequences, full)
     for j in range(3):
-        logits = h[:, P - 1 + j] @ distill.lm_head(student).T
+        logits = h[:, P - 1 + j] @ lm_head(student).T
         assert torch.allclose(logits, out.logits[j], atol=1e-4)
 
 
@@ -230,18 +235,18 @@ def test_twenty_steps_lower_the_reverse_kl_on_fresh_rollouts(pair):
 
     def fresh_kl():
         torch.manual_seed(123)
-        r = distill.sample(student, tok, fresh, 4, 10)
-        ids, attn, mask = distill.collate(r.prompts, r.responses, distill.pad_id(tok))
+        r = sample(student, tok, fresh, 4, 10)
+        ids, attn, mask = collate(r.prompts, r.responses, pad_id(tok))
         with torch.no_grad():
-            s = distill.batch_statistics(distill.hidden_states(student, ids, attn), distill.lm_head(student),
-                                         distill.hidden_states(teacher, ids, attn), distill.lm_head(teacher), mask, 512)
+            s = distill.batch_statistics(hidden_states(student, ids, attn), lm_head(student),
+                                         hidden_states(teacher, ids, attn), lm_head(teacher), mask, 512)
         return s["reverse_kl"][mask].mean().item()
 
     before = fresh_kl()
     opt = torch.optim.AdamW(student.parameters(), lr=3e-3)
     for step in range(20):
         torch.manual_seed(step)
-        r = distill.sample(student, tok, held_in, 2, 10)
+        r = sample(student, tok, held_in, 2, 10)
         distill.opd_step(student, teacher, r, _cfg(tok), torch.Generator().manual_seed(step),
                          {})
         opt.step()

@@ -15,6 +15,8 @@ import distill
 import loading
 import parallel
 import selection
+from loading import hidden_states, lm_head
+from rollouts import Rollouts, collate
 from helpers import make_tiny_pair, write_jsonl
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -33,16 +35,16 @@ def worker(rank, world, port, pair, out):
     if world > 1:
         parallel.shard(teacher), parallel.shard(student)
     share = slice(rank * 4 // world, (rank + 1) * 4 // world)  # contiguous: rank 0 first
-    rollouts = distill.Rollouts(PROMPTS[share], RESPONSES[share])
+    rollouts = Rollouts(PROMPTS[share], RESPONSES[share])
     cfg = distill.argparse.Namespace(rule="soft-or", keep=0.5, loss="reverse_kl", beta=0.5,
                                      importance_weights=False, micro_batch_size=4, chunk_size=3,
                                      dtype=torch.float32, pad_id=0)
     # the selection, by the same functions opd_step uses, as kept response-token indices
-    ids, attn, mask = distill.collate(rollouts.prompts, rollouts.responses, 0)
+    ids, attn, mask = collate(rollouts.prompts, rollouts.responses, 0)
     with torch.no_grad():
-        stats = distill.batch_statistics(distill.hidden_states(student, ids, attn),
-                                         distill.lm_head(student), distill.hidden_states(teacher, ids, attn),
-                                         distill.lm_head(teacher), mask, 3)
+        stats = distill.batch_statistics(hidden_states(student, ids, attn),
+                                         lm_head(student), hidden_states(teacher, ids, attn),
+                                         lm_head(teacher), mask, 3)
     kept, _ = selection.select("soft-or", stats, mask, 0.5)
     mine = [[i for i, k in enumerate(kept[b][mask[b]].tolist()) if k] for b in range(len(kept))]
     # SGD, so that weight differences are gradient differences (Adam's first step divides by |g|

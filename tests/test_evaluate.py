@@ -9,9 +9,9 @@ import threading
 
 import pytest
 
-import distill
 import loading
 import evaluate
+from rollouts import Rollouts
 from helpers import make_tiny_pair, write_jsonl
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -126,10 +126,10 @@ def test_evaluate_benchmark_grades_what_sample_returns(tmp_path, monkeypatch):
         seen["prompts"] = [tokenizer.decode(p) for p in prompts]
         ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in COMPLETIONS]
         ids = [r + [tokenizer.eos_token_id] for r in ids[:3]] + ids[3:]  # the last one: cut off
-        return distill.Rollouts(prompts=[p for p in prompts for _ in range(samples_per_prompt)],
+        return Rollouts(prompts=[p for p in prompts for _ in range(samples_per_prompt)],
                                 responses=ids)
 
-    monkeypatch.setattr(distill, "sample", fake_sample)
+    monkeypatch.setattr(evaluate, "sample", fake_sample)
     data = write_jsonl(tmp_path / "mini.jsonl", PROBLEMS)
     summary, rows = evaluate.evaluate_benchmark(model, tokenizer, "mini", samples=2,
                                                 temperature=1.0, data=data, return_rows=True)

@@ -4,8 +4,8 @@ import math
 import pytest
 import torch
 
+import distill
 import selection
-import tip
 
 
 def make_batch(seed=0, b=5, t=40):
@@ -15,15 +15,31 @@ def make_batch(seed=0, b=5, t=40):
     pos = torch.arange(t)
     mask = (pos >= start[:, None]) & (pos < (start + lengths)[:, None])  # (B, T)
     entropy = torch.rand(b, t, generator=g) * 3
-    stats = {"entropy": entropy, "entropy_norm": entropy / math.log(100),
-             "reverse_kl": torch.rand(b, t, generator=g) ** 3,
-             "forward_kl": torch.rand(b, t, generator=g) ** 3}
-    stats["h_hat"] = tip.normalize_entropy(stats["entropy"], mask)
-    stats["d_hat"] = tip.normalize_divergence(stats["reverse_kl"], mask)
-    return stats, mask
+    flat = {"entropy": entropy[mask], "entropy_norm": entropy[mask] / math.log(100),
+            "reverse_kl": (torch.rand(b, t, generator=g) ** 3)[mask],
+            "forward_kl": (torch.rand(b, t, generator=g) ** 3)[mask]}
+    return distill.rule_inputs(flat, mask), mask  # the rule input, as training builds it
+
+
+PAPER_RULES = [r for r in selection.RULES if r != "d-hat-above-0.7"]  # the ⌊ρ·m⌋ rules
 
 
 @pytest.mark.parametrize("rule", list(selection.RULES))
+def test_every_rule_accepts_the_full_rule_input(rule):
+    """Each registered rule runs on the builder's dict (quadrant included) within the mask."""
+    stats, mask = make_batch()
+    assert {"entropy_norm", "h_hat", "d_hat", "reverse_kl", "forward_kl", "quadrant"} <= set(stats)
+    kept, _ = selection.select(rule, stats, mask, 0.5, torch.Generator().manual_seed(1))
+    assert kept.shape == mask.shape and not (kept & ~mask).any()
+
+
+def test_the_threshold_rule_keeps_exactly_the_tokens_above_it():
+    stats, mask = make_batch()
+    kept, _ = selection.select("d-hat-above-0.7", stats, mask, 0.5)
+    assert torch.equal(kept, (stats["d_hat"] > 0.7) & mask) and 0 < kept.sum() < mask.sum()
+
+
+@pytest.mark.parametrize("rule", PAPER_RULES)
 @pytest.mark.parametrize("keep", [1.0, 0.5, 0.3, 0.2, 0.1, 0.01])
 def test_exact_count_per_rollout_and_never_outside_mask(rule, keep):
     stats, mask = make_batch()

@@ -50,7 +50,9 @@ def test_sweep_scores_every_run_and_summarises_over_seeds(result):
         assert s["kept_tokens"] < a["kept_tokens"]
     table = open(out / "table.md").read()
     assert "| soft-or | 0.5 |" in table and "seeds 0, 1" in table
-    assert os.path.getsize(out / "sweep.png") > 1000
+    drawn = sweep.plot_sweep(rows, 50.0, out / "again.png")
+    assert drawn == {f"{r['rule']}@{r['keep']:g}": r["accuracy"] for r in rows}
+    assert (out / "sweep.png").is_file()
 
 
 @pytest.mark.parametrize("flags, message", [
@@ -69,6 +71,6 @@ def test_bad_settings_get_one_line_and_status_2(flags, message, tmp_path, capsys
 
 
 def test_refuses_a_folder_that_holds_a_sweep(result):
-    r = subprocess.run([sys.executable, os.path.join(REPO, "toy.py"), "sweep", "--output-dir",
+    r = subprocess.run([sys.executable, os.path.join(REPO, "sweep.py"), "--output-dir",
                         str(result[1])], capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "already holds a sweep" in r.stderr

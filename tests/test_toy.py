@@ -9,6 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import toy
+from rollouts import Rollouts
 
 SPECIALS = r"<\|im_(?:start|end)\|>"
 
@@ -115,39 +116,32 @@ def test_encode_trains_on_the_solution_and_end_of_turn_only():
 # The quick check
 # ---------------------------------------------------------------------------------------------
 
-class Oracle:
-    """Stands in for a model: reads each left-padded prompt back and "generates" the worked
-    solution, with the answer off by one for every second problem and no box for every fifth."""
-
-    def __init__(self, tok):
-        self.tok, self.calls = tok, 0
-
-    def generate(self, input_ids, attention_mask, max_new_tokens, do_sample, eos_token_id,
-                 pad_token_id):
-        assert not do_sample and (input_ids[:, -1] != pad_token_id).all()  # padded on the left
-        assert (attention_mask == (input_ids != pad_token_id)).all()
-        rows = []
-        for text in self.tok.batch_decode(input_ids, skip_special_tokens=True):
+def oracle_sample(tok):
+    """Stands in for rollouts.sample: reads each prompt back and "generates" the worked solution,
+    with the answer off by one for every second problem and no box for every fifth."""
+    def fake(model, tokenizer, prompts, samples_per_prompt, max_new_tokens, temperature, batch_size):
+        assert temperature == 0.0 and samples_per_prompt == 1  # greedy, one answer per problem
+        responses = []
+        for i, text in enumerate(tok.batch_decode(prompts, skip_special_tokens=True)):
             a, b = map(int, re.search(r"What is (\d+) \+ (\d+)\?", text).groups())
             solution = toy.make_item(a, b)["solution"]
-            if self.calls % 2:  # a wrong answer
+            if i % 2:  # a wrong answer
                 solution = solution.replace(f"{{{a + b}}}", f"{{{a + b + 1}}}")
-            if self.calls % 5 == 0:  # no box at all
+            if i % 5 == 0:  # no box at all
                 solution = solution.replace("\\boxed", "")
-            rows.append(self.tok(solution + "<|im_end|>")["input_ids"])
-            self.calls += 1
-        T = max(map(len, rows))
-        new = torch.tensor([r + [pad_token_id] * (T - len(r)) for r in rows])  # (B, new)
-        return torch.cat([input_ids, new], dim=1)  # (B, T + new)
+            responses.append(tok(solution + "<|im_end|>")["input_ids"])
+        return Rollouts(prompts=prompts, responses=responses)
+    return fake
 
 
-def test_greedy_accuracy_grades_the_last_box():
+def test_greedy_accuracy_grades_the_last_box(monkeypatch):
     tok = toy.make_tokenizer()
+    monkeypatch.setattr(toy, "sample", oracle_sample(tok))
     # Operands of 1 to 3 digits give prompts of different lengths, so padding matters.
     items = [toy.make_item(a, b) for a, b in [(1, 2), (12, 34), (123, 456), (9, 9), (99, 99),
                                               (999, 999), (5, 6), (50, 60), (500, 600), (7, 8)]]
     # Right: calls 2, 4, 6, 8 (even and with a box); 0 has no box; odd ones are off by one.
-    assert toy.greedy_accuracy(Oracle(tok), tok, items, batch_size=4) == 0.4
+    assert toy.greedy_accuracy(None, tok, items, batch_size=4) == 0.4
     assert toy.last_boxed("\\boxed{1} then \\boxed{23}") == "23"
     assert toy.last_boxed("no box") is None
 
