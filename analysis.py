@@ -2,6 +2,7 @@
 
     python analysis.py                                  # the toy pair on its held-out problems
     python analysis.py --teacher Qwen/Qwen3-4B --student Qwen/Qwen3-0.6B --dataset HuggingFaceH4/MATH-500
+    python analysis.py --teacher Qwen/Qwen3-14B --student Qwen/Qwen3-1.7B --data-dir <travel> # episodes
     python analysis.py plot runs/A runs/B --output curves.png
 
 Samples rollouts with rollouts.sample (the training sampler), builds every response token's
@@ -25,12 +26,13 @@ matplotlib.use("Agg")  # headless: no display needed
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
+import deepplanning  # noqa: E402
 import distill  # noqa: E402
 import loading  # noqa: E402
 import selection  # noqa: E402
 import toy  # noqa: E402
 from loading import hidden_states, lm_head  # noqa: E402
-from rollouts import collate, pad_id, sample  # noqa: E402
+from rollouts import as_rollouts, collate, pad_id, sample  # noqa: E402
 from tip import QUADRANTS, quadrant_summary  # noqa: E402
 
 
@@ -208,18 +210,27 @@ def analyze(args):
         args.dataset = args.dataset or toy.split_path("heldout")
     device, _ = loading.resolve_device(args.device)
     dtype, _ = loading.resolve_dtype(args.dtype, device)
-    records = loading.load_records(args.dataset, args.split)
-    field = loading.find_prompt_field(records, args.prompt_field)
     tokenizer = loading.load_tokenizer(args.student, args.trust_remote_code)
     loading.check_same_tokenizer(loading.load_tokenizer(args.teacher, args.trust_remote_code), tokenizer)
-    prompts, _ = loading.encode_prompts(tokenizer, records[:args.prompts], field, args.max_prompt_length)
+    if args.data_dir:  # DeepPlanning: the held-out tasks, played as tool-use episodes
+        prompts = deepplanning.split_tasks(args.data_dir, "heldout")[:args.prompts]
+    else:
+        records = loading.load_records(args.dataset, args.split)
+        field = loading.find_prompt_field(records, args.prompt_field)
+        prompts, _ = loading.encode_prompts(tokenizer, records[:args.prompts], field,
+                                            args.max_prompt_length)
     teacher = loading.load_model(args.teacher, device, dtype, args.trust_remote_code).eval()
     student = loading.load_model(args.student, device, dtype, args.trust_remote_code).eval()
     for name, model in ((args.teacher, teacher), (args.student, student)):
         loading.check_output_head(model, name)
     torch.manual_seed(args.seed)
-    rollouts = sample(student, tokenizer, prompts, args.samples_per_prompt, args.max_new_tokens,
-                      batch_size=16, progress=True)
+    if args.data_dir:  # only the student's own tokens are scored; tokens.html greys the rest
+        played = deepplanning.play(student, tokenizer, prompts, args.samples_per_prompt,
+                                   args.max_turns, args.max_new_tokens, batch_size=16, progress=True)
+        rollouts = as_rollouts([episode for _, episode, _ in played])
+    else:
+        rollouts = sample(student, tokenizer, prompts, args.samples_per_prompt, args.max_new_tokens,
+                          batch_size=16, progress=True)
     stats, mask, thresholds = statistics(teacher, student, rollouts, tokenizer, args.chunk_size,
                                          h_threshold=args.h_threshold, d_threshold=args.d_threshold)
     rows = quadrant_table(stats, mask)
@@ -257,6 +268,9 @@ def main(argv=None):
         p.add_argument("--teacher", help="HF id or local directory (default: the toy pair)")
         p.add_argument("--student", help="HF id or local directory (default: the toy pair)")
         p.add_argument("--dataset", help="HF id or local file (default: the toy held-out split)")
+        p.add_argument("--data-dir", help="DeepPlanning travel folder (or its database_en): play its "
+                       "held-out tasks as tool-use episodes instead of sampling --dataset")
+        p.add_argument("--max-turns", type=int, default=40, help="DeepPlanning: turns per episode")
         p.add_argument("--split", default="test", help="dataset split (hub datasets)")
         p.add_argument("--prompt-field", help="prompt column (default: auto-detect)")
         p.add_argument("--prompts", type=int, default=32, help="prompts to sample from")
@@ -274,6 +288,11 @@ def main(argv=None):
             raise loading.UsageError("give both --teacher and --student, or neither (the toy pair)")
         if args.prompts < 1 or args.samples_per_prompt < 1:
             raise loading.UsageError("--prompts and --samples-per-prompt must be at least 1")
+        if args.data_dir:
+            if args.teacher is None:
+                raise loading.UsageError("--data-dir needs --teacher and --student (models whose "
+                                         "chat template renders tools)")
+            deepplanning.resolve_data_dir(args.data_dir)  # missing or misshapen: one line
         loading.check_writable(args.output_dir)
         analyze(args)
     except loading.UsageError as e:

@@ -109,3 +109,36 @@ def test_bad_agentic_input_one_line_exit_2(pair, tmp_path, args, message):
             "--output-dir", str(tmp_path / "run"), cwd=tmp_path)
     assert r.returncode == 2 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "run").exists()
+
+
+def test_the_quadrant_analysis_runs_on_episodes(pair, tmp_path):
+    teacher, student = pair
+    out = tmp_path / "analysis"
+    r = run("analysis.py", "--teacher", teacher, "--student", student, "--data-dir", DB,
+            "--prompts", "1", "--samples-per-prompt", "2", "--max-new-tokens", "5",
+            "--max-turns", "2", "--output-dir", str(out), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.startswith("10 response tokens from 2 rollouts")  # generated tokens only
+    assert "| Q3 low h, high δ |" in r.stdout and (out / "tokens.html").is_file()
+
+
+def test_tokens_html_greys_what_the_student_did_not_generate(pair, monkeypatch):
+    import analysis
+    teacher_dir, student_dir = pair
+    tokenizer = loading.load_tokenizer(student_dir)
+    cpu = torch.device("cpu")
+    student = loading.load_model(student_dir, cpu, torch.float32).eval()
+    teacher = loading.load_model(teacher_dir, cpu, torch.float32).eval()
+    task = dp.load_tasks(DB, ids=[0])[0]
+    turns = iter(['<tool_call>\n{"name": "search_location", "arguments": {"place_name": '
+                  '"Laomendong"}}\n</tool_call>', "<plan>none</plan>"])
+    monkeypatch.setattr(rollouts, "generate", lambda model, prompts, config, pad: [
+        tokenizer(next(turns) + "<|im_end|>", add_special_tokens=False)["input_ids"]])
+    [(_, episode, _)] = dp.play(student, tokenizer, [task])
+    batch = rollouts.as_rollouts([episode])
+    stats, mask, _ = analysis.statistics(teacher, student, batch, tokenizer)
+    page = analysis.tokens_html(batch, stats, mask, tokenizer)
+    grey = "".join(__import__("re").findall(r"<span class='q0'>([^<]*)</span>", page))
+    assert "latitude" in grey and "search_location" not in grey  # the answer is grey, the call not
+    assert page.count("<span class='q0'>") == episode.mask.count(0) + 1  # + the legend's
+    assert len(__import__("re").findall(r"<span class='q[1-4]'", page)) == episode.mask.count(1)

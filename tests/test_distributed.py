@@ -12,8 +12,10 @@ import torch
 import torch.multiprocessing as mp
 
 import distill
+import evaluate
 import loading
 import parallel
+import rollouts as ro
 import selection
 from loading import hidden_states, lm_head
 from rollouts import Rollouts, collate
@@ -55,6 +57,15 @@ def worker(rank, world, port, pair, out):
     optimizer.step()
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
     weights = get_model_state_dict(student, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    # The evaluation: each rank samples its share of 5 problems (greedy), the rows are gathered.
+    tok = loading.load_tokenizer(pair[1])
+    problems = [{"problem": f"{a}+{a}=?", "answer": str(2 * a)} for a in range(5)]
+    _, rows = evaluate.evaluate_benchmark(student, tok, "mini", problems=problems, max_new_tokens=4,
+                                          batch_size=2, return_rows=True)
+    # Episodes: rank 0 plays two, rank 1 one, one per generate call, so the ranks need different
+    # numbers of calls; a deadlock here would hang the test.
+    episodes = ro.run_episodes(student, tok, PROMPTS[:2 - rank], [lambda n, a: "{}"] * 2,
+                               max_new_tokens=3, batch_size=1)
     selected = [None] * world
     if world > 1:
         torch.distributed.all_gather_object(selected, mine)
@@ -64,7 +75,9 @@ def worker(rank, world, port, pair, out):
         selected = [mine]
     if rank == 0:
         torch.save({"selected": sum(selected, []), "loss": metrics["loss"], "norm": norm,
-                    "kept_tokens": metrics["kept_tokens"], "weights": weights}, out)
+                    "kept_tokens": metrics["kept_tokens"], "weights": weights,
+                    "eval": [(r["index"], r["completion"]) for r in rows],
+                    "episodes": [e.turns for e in episodes]}, out)
 
 
 def free_port():
@@ -99,6 +112,8 @@ def test_two_processes_match_one(pair, tmp_path):
         assert torch.allclose(one["weights"][k], two["weights"][k], atol=1e-6), k
         moved += k in initial and not torch.equal(one["weights"][k], initial[k])
     assert moved > 10
+    assert two["eval"] == one["eval"] and [i for i, _ in one["eval"]] == [0, 1, 2, 3, 4]
+    assert one["episodes"] == two["episodes"] == [1, 1]  # rank 0's two, each cut in its turn
 
 
 def test_torchrun_cli_two_processes_saves_a_loadable_checkpoint(pair, tmp_path):
