@@ -807,13 +807,9 @@ def score_episode(final_text, task):
 # ---------------------------------------------------------------------------------------------
 
 def split_tasks(data_dir, split):
-    """The tasks of the committed split ("train" or "heldout") that `data_dir` holds."""
+    """The tasks of the committed split ("train" or "heldout") that `data_dir` holds complete."""
     root, lang = resolve_data_dir(data_dir)
-    available = {t.id for t in load_tasks(root, lang)}
-    ids = [i for i in split_ids(split) if i in available]
-    if not ids:
-        raise UsageError(f"the DeepPlanning {split} split has no task in {data_dir}")
-    return load_tasks(root, lang, ids)
+    return load_tasks(root, lang, split_ids(split, data_dir))
 
 
 def episode_prompt(tokenizer, task, enable_thinking=False):
