@@ -38,7 +38,7 @@ from dataclasses import dataclass
 
 import jsonschema
 
-from loading import UsageError
+from loading import ArgumentParser, UsageError
 from rollouts import as_rollouts, run_episodes
 
 SPLIT_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "deepplanning_split.json")
@@ -866,10 +866,18 @@ def training_rollouts(student, tokenizer, tasks, args):
     return as_rollouts(episodes), sums
 
 
-if __name__ == "__main__":  # regenerate the committed split: python deepplanning.py DATA_DIR
-    import sys
+def main(argv=None):
+    p = ArgumentParser(description="Write the committed train/heldout split of the DeepPlanning "
+                       "travel tasks (data/deepplanning_split.json) from a data folder.")
+    p.add_argument("data_dir", help="the travel folder (data/, tools/, agent/, database/)")
+    p.add_argument("--seed", type=int, default=0, help="shuffle seed within each trip length")
+    args = p.parse_args(argv)
     try:
-        print(make_split(sys.argv[1] if len(sys.argv) > 1 else "."))
+        split = make_split(args.data_dir, seed=args.seed)
     except UsageError as e:
-        print(f"error: {e}")
-        sys.exit(2)
+        p.exit(2, f"error: {e}\n")
+    print(f"wrote {SPLIT_PATH}: {len(split['train'])} train, {len(split['heldout'])} heldout tasks")
+
+
+if __name__ == "__main__":
+    main()
