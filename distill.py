@@ -349,6 +349,8 @@ def parse_args(argv=None):
     p.add_argument("--chunk-size", type=int, default=512, help="rows per lm_head projection chunk")
     p.add_argument("--lr", type=float, help="peak learning rate (default 1e-6; toy: its own)")
     p.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay")
+    p.add_argument("--adam-eps", type=float, default=1e-8, help="AdamW eps: the gradient scale "
+                   "below which updates shrink instead of being normalised to full size")
     p.add_argument("--warmup-steps", type=int, help="linear warm-up steps before the cosine decay")
     p.add_argument("--gradient-checkpointing", choices=["auto", "on", "off"], default="auto",
                    help="activation checkpointing of the student (auto: on for CUDA)")
@@ -438,6 +440,8 @@ def evaluate_now(model, tokenizer, args):
             batch_size=args.generation_batch_size, enable_thinking=args.enable_thinking,
             limit=args.eval_limit, seed=args.seed)
         scores[f"eval/{name}/mean@{args.eval_samples}"] = summary["mean"]
+        scores.update({f"eval/{name}/mean@{args.eval_samples}/{k[5:]}": v  # per part (the toy)
+                       for k, v in summary.items() if k.startswith("mean/")})
     return scores
 
 
@@ -490,7 +494,8 @@ def train(args):
     if world > 1:
         shard(teacher), shard(student)
     student.train()
-    optimizer = torch.optim.AdamW(student.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    optimizer = torch.optim.AdamW(student.parameters(), lr=args.lr, weight_decay=args.weight_decay,
+                                  eps=args.adam_eps)
     scheduler = get_cosine_schedule_with_warmup(optimizer, args.warmup_steps, args.steps)
     cfg = argparse.Namespace(**{**vars(args), "dtype": dtype, "pad_id": pad_id(tokenizer)})
 
@@ -581,8 +586,10 @@ def main(argv=None):
     evals = [r for r in history if any(k.startswith("eval/") for k in r)]
     if args.toy and len(evals) >= 2:
         key = next(k for k in evals[-1] if k.startswith("eval/"))
+        parts = "".join(f", {k[len(key) + 1:]} {100 * evals[0][k]:.1f}% -> {100 * evals[-1][k]:.1f}%"
+                        for k in evals[-1] if k.startswith(key + "/"))  # the toy's parts
         print(f"held-out accuracy ({key}): before {100 * evals[0][key]:.1f}% -> "
-              f"after {100 * evals[-1][key]:.1f}%")
+              f"after {100 * evals[-1][key]:.1f}%" + (f" ({parts[2:]})" if parts else ""))
     print(f"metrics and checkpoints in {args.output_dir}")
 
 

@@ -99,7 +99,8 @@ def load_benchmark(name, data=None, limit=None):
         gold = str(answer) if answer not in (None, "") else extract_boxed(row.get("solution") or "")
         if not gold:
             raise UsageError(f"{name}: row {i} has no gold answer")
-        problems.append({"problem": row[problem_field], "answer": gold})
+        part = {"part": row["part"]} if "part" in row else {}  # the toy's misconception / other
+        problems.append({"problem": row[problem_field], "answer": gold, **part})
     return problems
 
 
@@ -202,6 +203,9 @@ def score(name, problems, completions, lengths, truncated, samples):
                "no_box": sum(r["extracted"] is None for r in rows) / len(rows),
                "truncated": sum(truncated) / len(rows),
                "response_length": sum(lengths) / len(rows)}
+    for part in sorted({p["part"] for p in problems if "part" in p}):  # mean/<part>: the toy's
+        summary[f"mean/{part}"] = mean_at_k([v for v, p in zip(verdicts, problems)
+                                             if p.get("part") == part])["mean"]
     return summary, rows
 
 
@@ -324,6 +328,11 @@ def run(args):
         summaries.append(summary)
         rows += benchmark_rows
     print(markdown_table(summaries))
+    for s in summaries:  # a benchmark whose rows have parts (the toy): mean@k of each part
+        parts = [k for k in s if k.startswith("mean/")]
+        if parts:
+            print(f"{s['benchmark']} mean@k by part: " + ", ".join(
+                f"{k[5:]} {100 * s[k]:.1f}%" for k in parts))
     # Files only now, when every benchmark has been scored: an error above leaves nothing behind.
     os.makedirs(args.output_dir, exist_ok=True)
     scores = {"model": args.model, "settings": vars(args),

@@ -22,7 +22,7 @@ def result(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("TIP_TOY_CACHE", cache)  # the train and held-out splits of this build
         rows = sweep.sweep(teacher, student, str(out), steps=2, seeds=[0, 1],
-                           configs=[("all", 1.0), ("soft-or", 0.5)])
+                           configs=[("all", 1.0), ("soft-or", 0.5)], curve_every=1)
     return rows, out
 
 
@@ -48,9 +48,18 @@ def test_sweep_scores_every_run_and_summarises_over_seeds(result):
         a, s = first("all-1", seed), first("soft-or-0.5", seed)
         assert a["response_tokens"] == s["response_tokens"] == a["kept_tokens"]
         assert s["kept_tokens"] < a["kept_tokens"]
+        for part in sweep.PARTS:  # the per-part columns: each run's last evaluation, by part
+            assert row[part] == pytest.approx(statistics.mean(100 * r["parts"][part] for r in runs))
+            assert [r["parts"][part] for r in runs] == [r["curve"][-1][part] for r in runs]
+    saved_runs = {(r["rule"], r["seed"]): r for r in saved["runs"]}
+    # all@1 is scored every curve_every=1 step (the curves), soft-or@0.5 only at the end
+    assert [c["step"] for c in saved_runs[("all", 0)]["curve"]] == [1, 2]
+    assert [c["step"] for c in saved_runs[("soft-or", 0)]["curve"]] == [2]
+    assert set(saved["start"]) == {"mean", *sweep.PARTS}  # the student before, overall and by part
     table = open(out / "table.md").read()
-    assert "| soft-or | 0.5 |" in table and "seeds 0, 1" in table
+    assert "| soft-or | 0.5 |" in table and "seeds 0, 1" in table and "misconception %" in table
     assert os.path.getsize(out / "sweep.png") > 1000
+    assert os.path.getsize(out / "misconception_curves.png") > 1000
 
 
 @pytest.mark.parametrize("flags, message", [
@@ -58,7 +67,8 @@ def test_sweep_scores_every_run_and_summarises_over_seeds(result):
     (["--configs", "entropy@1.5"], "keep must be in (0, 1]"),
     (["--configs", "entropy"], "is not RULE@KEEP"),
     (["--seeds", "a,b"], "--seeds must be comma-separated integers"),
-    (["--steps", "0"], "--steps must be at least 1"),
+    (["--steps", "0"], "--steps and --curve-every must be at least 1"),
+    (["--curve-every", "0"], "--steps and --curve-every must be at least 1"),
 ])
 def test_bad_settings_get_one_line_and_status_2(flags, message, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_:
@@ -69,6 +79,6 @@ def test_bad_settings_get_one_line_and_status_2(flags, message, tmp_path, capsys
 
 
 def test_refuses_a_folder_that_holds_a_sweep(result):
-    r = subprocess.run([sys.executable, os.path.join(REPO, "toy.py"), "sweep", "--output-dir",
+    r = subprocess.run([sys.executable, os.path.join(REPO, "sweep.py"), "--output-dir",
                         str(result[1])], capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "already holds a sweep" in r.stderr
