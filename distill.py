@@ -418,6 +418,7 @@ def resolve_defaults(args):
         args.dataset = args.dataset or toy.split_path("train")
         args.eval_benchmarks = args.eval_benchmarks or "toy"
         args.toy = True
+        torch.set_num_threads(toy.SETTINGS["threads"])  # the README's numbers on any core count
     else:
         defaults, args.toy = PAPER_DEFAULTS, False
         args.eval_benchmarks = args.eval_benchmarks or "math500"

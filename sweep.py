@@ -1,14 +1,17 @@
 """The paper's table in miniature: the toy student distilled under every rule x keep, several seeds.
 
-    python sweep.py                          # SWEEP x seeds 0,1,2, 100 steps each (~35 min, 2 CPUs)
+    python sweep.py                          # SWEEP x seeds 0,1,2, 60 steps each (see the README)
     python sweep.py --steps 20 --seeds 0     # a quick look
     python sweep.py --configs all@1,my-rule@0.5,entropy@0.5   # your own rule against the baselines
 
 Every run is `distill.train` on the toy pair (toy.py; built first if missing) with the toy's laptop
-settings (toy.DISTILL_DEFAULTS) except a gentler peak lr (LR: these runs are half as long as the
-default run) and 4 prompts per step. Its score is the greedy held-out accuracy after the last step,
-graded by evaluate.py. Writes into --output-dir: one distill.py run folder per (rule, keep, seed),
-results.json (every run), table.md (mean ± std over seeds) and sweep.png.
+settings (toy.DISTILL_DEFAULTS) except a gentler peak lr (LR: with 16 rollouts a step, 1e-3 first
+knocks the student down, then it recovers), fewer steps (STEPS) and 4 prompts per step, on the
+toy's thread count. Its score is the greedy held-out accuracy after the last step, overall and on each
+part of the held-out split (misconception / other), graded by evaluate.py; the runs at CURVE_KEEP
+and all@1 are also scored every --curve-every steps, for the misconception curves. Writes into
+--output-dir: one distill.py run folder per (rule, keep, seed), results.json (every run),
+table.md (mean ± std over seeds), sweep.png and misconception_curves.png.
 
 Runs go one after another in this one process, so the peak-RSS column only grows from run to run
 and says nothing about a rule: bench.py measures memory per configuration, each in a fresh process.
@@ -20,6 +23,8 @@ import os
 import statistics
 import sys
 
+import torch
+
 import distill
 import evaluate
 import selection
@@ -27,7 +32,7 @@ import toy
 from loading import UsageError, check_writable
 
 LR = 5e-4
-STEPS = 100
+STEPS = 60
 PROMPTS_PER_STEP = 4
 SWEEP = [("all", 1.0), ("entropy", 0.5), ("entropy", 0.2), ("entropy", 0.1), ("entropy-topk", 0.5),
          ("entropy-topk", 0.2), ("soft-or", 0.5), ("soft-or", 0.2), ("soft-or", 0.1), ("q3", 0.2),
@@ -228,6 +233,7 @@ def main(argv=None):
         except (FileExistsError, PermissionError, NotADirectoryError) as e:
             raise UsageError(f"cannot build the toy pair: {e}") from None
         os.makedirs(args.output_dir, exist_ok=True)
+        torch.set_num_threads(toy.SETTINGS["threads"])  # as `python distill.py` on the toy pair
         sweep(teacher_dir, student_dir, args.output_dir, args.steps, seeds, configs, args.curve_every)
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)

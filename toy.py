@@ -186,10 +186,10 @@ def greedy_accuracy(model, tokenizer, items, batch_size=128, max_new_tokens=48):
 
 
 def part_accuracy(model, tokenizer, items):
-    """greedy_accuracy on all of `items` and on each part: {"all", "misconception", "other"}."""
-    parts = {"all": items, **{p: [it for it in items if it["part"] == p] for p in PARTS}}
-    return {p: greedy_accuracy(model, tokenizer, its) if its else float("nan")
-            for p, its in parts.items()}
+    """greedy_accuracy on each part of `items` and on all of them: {"all", "misconception", ...}."""
+    parts = {p: [it for it in items if it["part"] == p] for p in PARTS}
+    acc = {p: greedy_accuracy(model, tokenizer, its) if its else 0.0 for p, its in parts.items()}
+    return {"all": sum(acc[p] * len(its) for p, its in parts.items()) / len(items), **acc}
 
 
 def train(model, tokenizer, items, steps, lr, s, seed, desc, snapshot_at=None):
@@ -222,16 +222,17 @@ def train(model, tokenizer, items, steps, lr, s, seed, desc, snapshot_at=None):
 # Building the pair into a cache folder
 # ---------------------------------------------------------------------------------------------
 
-# `python distill.py` on the toy pair: 8 prompts x 4 rollouts = 32 per step, about 0.7 s a step.
-DISTILL_DEFAULTS = dict(lr=1e-3, steps=200, prompts_per_step=8, samples_per_prompt=4,
-                        max_new_tokens=48, micro_batch_size=32, generation_batch_size=32,
+# `python distill.py` on the toy pair: 8 prompts x 4 rollouts = 32 per step; 150 steps keep the
+# first command (build, distillation, two evaluations) under 10 minutes on 2 cores.
+DISTILL_DEFAULTS = dict(lr=1e-3, steps=150, prompts_per_step=8, samples_per_prompt=4,
+                        max_new_tokens=48, micro_batch_size=32, generation_batch_size=128,
                         warmup_steps=10)
 FORMAT_VERSION = 2  # bump whenever the code changes what a build produces: old caches go stale
 SETTINGS = dict(
     model=dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4,
                num_attention_heads=4, num_key_value_heads=2, head_dim=32),
     n_train=20000, n_heldout=500, steps=400, batch_size=32, lr=3e-3,
-    student_from_step=200, student_steps=100, student_lr=3e-3,
+    student_from_step=175, student_steps=100, student_lr=3e-3, threads=1,
 )
 QUICK = dict(  # a build of a few seconds for the tests: the same code path, tiny everything
     model=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
@@ -266,6 +267,25 @@ def read_stamp(cache_dir):
         return json.load(f)
 
 
+def train_pair(tokenizer, train_items, s, seed):
+    """The teacher on the right solutions; the student from the teacher's run at a fixed step, then
+    a fixed budget of supervised steps on the same problems worked with the misconception."""
+    torch.manual_seed(seed)  # the initial weights
+    config = Qwen3Config(vocab_size=len(tokenizer), max_position_embeddings=512,
+                         tie_word_embeddings=True, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id, bos_token_id=None, **s["model"])
+    teacher = Qwen3ForCausalLM(config)  # eos and pad also land in its generation_config
+    snapshot = train(teacher, tokenizer, train_items, s["steps"], s["lr"], s, seed,
+                     "toy: teacher", snapshot_at=s["student_from_step"])
+    student = Qwen3ForCausalLM(config)
+    student.load_state_dict(snapshot)
+    wrong = [make_item(*map(int, re.findall(r"\d+", item["problem"])), misconception=True)
+             for item in train_items]
+    train(student, tokenizer, wrong, s["student_steps"], s["student_lr"], s, seed + 1,
+          "toy: student (misconception)")
+    return teacher, student
+
+
 def build(cache_dir=None, seed=0, force=False, quick=False):
     """Train the teacher (and take the student from its run) and save both, the tokenizer and the
     splits under cache_dir -> (teacher_dir, student_dir). Skipped when the cache holds a complete
@@ -284,23 +304,16 @@ def build(cache_dir=None, seed=0, force=False, quick=False):
     t0 = time.time()
     tokenizer = make_tokenizer()
     train_items, heldout = make_splits(seed, s["n_train"], s["n_heldout"])
-    torch.manual_seed(seed)  # the initial weights
-    config = Qwen3Config(vocab_size=len(tokenizer), max_position_embeddings=512,
-                         tie_word_embeddings=True, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id, bos_token_id=None, **s["model"])
-    teacher = Qwen3ForCausalLM(config)  # eos and pad also land in its generation_config
-    snapshot = train(teacher, tokenizer, train_items, s["steps"], s["lr"], s, seed,
-                     "toy: teacher", snapshot_at=s["student_from_step"])
-    # The student: the teacher's run at a fixed step, then a fixed budget of supervised steps on
-    # the same problems worked with the misconception (the hundreds' carry dropped).
-    student = Qwen3ForCausalLM(config)
-    student.load_state_dict(snapshot)
-    wrong = [make_item(*map(int, re.findall(r"\d+", item["problem"])), misconception=True)
-             for item in train_items]
-    train(student, tokenizer, wrong, s["student_steps"], s["student_lr"], s, seed + 1,
-          "toy: student (misconception)")
-    accuracy = {who: part_accuracy(m, tokenizer, heldout)
-                for who, m in (("teacher", teacher), ("student", student))}
+    # The pair is trained on s["threads"] threads whatever the machine has: the thread count sets
+    # the float reduction order, and a few ulps early in training move the student by points.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(s["threads"])
+    try:
+        teacher, student = train_pair(tokenizer, train_items, s, seed)
+        accuracy = {who: part_accuracy(m, tokenizer, heldout)
+                    for who, m in (("teacher", teacher), ("student", student))}
+    finally:
+        torch.set_num_threads(threads)
 
     # Write everything into a temporary sibling folder, then swap it in with renames: a build
     # killed at any point leaves either the old cache or the new one, never a half-written one.
@@ -315,7 +328,6 @@ def build(cache_dir=None, seed=0, force=False, quick=False):
             with open(split_path(split, tmp), "w") as f:
                 f.writelines(json.dumps(item) + "\n" for item in items)
         stamp = {"key": key, "format": FORMAT_VERSION, "settings": s, "heldout_accuracy": accuracy,
-                 "torch_threads": torch.get_num_threads(),
                  "build_seconds": round(time.time() - t0, 1)}
         with open(os.path.join(tmp, "stamp.json"), "w") as f:
             json.dump(stamp, f, indent=1)
@@ -353,7 +365,7 @@ def main(argv=None):
         print(f"toy: {who} greedy held-out accuracy on {s['n_heldout']} problems: "
               f"{100 * acc['all']:.1f}% (" + ", ".join(f"{p} {100 * acc[p]:.1f}%" for p in PARTS)
               + ")")
-    print(f"toy: built in {stamp['build_seconds']:.0f}s with {stamp['torch_threads']} torch threads; "
+    print(f"toy: built in {stamp['build_seconds']:.0f}s on {s['threads']} torch thread(s); "
           f"{teacher_dir}, {student_dir}, {split_path('train', cache_dir)}, "
           f"{split_path('heldout', cache_dir)}")
 
