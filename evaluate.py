@@ -31,6 +31,8 @@ Metrics over P problems x k samples (verdicts: a (P, k) 0/1 matrix):
     no_box           share of completions with no boxed answer.
     truncated        share of completions cut by --max-new-tokens before their end of sequence.
     response_length  mean completion length in tokens (the end-of-sequence token included).
+    mean/<part>      mean@k over the problems of one part, where the rows carry a "part" (the toy's
+                     held-out split: misconception / other); printed under the table.
 
 Outputs: the markdown table on stdout; <output-dir>/scores.json (settings, a summary per benchmark)
 and <output-dir>/completions.jsonl (every completion, its extracted answer and verdict), written
