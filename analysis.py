@@ -19,6 +19,7 @@ The math is tip.py's and the rules are selection.py's: nothing here computes a d
 import html
 import json
 import os
+import re
 import sys
 
 import matplotlib
@@ -66,6 +67,27 @@ def coverage_table(stats, mask, rules, keeps, seed=0):
                 row[f"q{q}_kept"] = ((kept & in_q).sum() / in_q.sum().clamp_min(1)).item()
             rows.append(row)
     return rows
+
+
+def first_wrong_quadrants(rollouts, stats, mask, tokenizer, records, samples_per_prompt):
+    """Where the wrong rollouts go wrong: for each rollout whose last \\boxed{} differs from its
+    record's answer, the quadrant of its first token that departs from the record's worked
+    solution (the reference the teacher learned). -> {part: (wrong rollouts, how many start in
+    Q1..Q4)}, with part "all" and, where records carry a "part" (the toy), one entry per part."""
+    counts = {}
+    for b, response in enumerate(rollouts.responses):
+        record = records[b // samples_per_prompt]  # rollouts of one prompt are consecutive
+        boxed = re.findall(r"\\boxed\{([^{}]*)\}", tokenizer.decode(response, skip_special_tokens=True))
+        if boxed and boxed[-1] == str(record["answer"]):
+            continue
+        reference = tokenizer(record["solution"] + tokenizer.eos_token, add_special_tokens=False)["input_ids"]
+        j = next((j for j, (a, r) in enumerate(zip(response, reference)) if a != r),
+                 min(len(response), len(reference)) - 1)  # a right prefix cut short: its last token
+        q = int(stats["quadrant"][b, mask[b].nonzero().flatten()[j]])
+        for part in ("all", record.get("part")):
+            if part is not None:
+                counts.setdefault(part, [0, 0, 0, 0])[q - 1] += 1
+    return counts
 
 
 def markdown(rows, columns):
@@ -239,6 +261,15 @@ def analyze(args):
     print(markdown(rows, ["quadrant", "share", "kl_share", "mean_h", "mean_kl"]) + "\n")
     coverage = coverage_table(stats, mask, list(selection.RULES), (0.5, 0.2, 0.1), args.seed)
     print(markdown(coverage, ["rule", "keep", "q1_kept", "q2_kept", "q3_kept", "q4_kept", "kl_kept"]))
+    if not args.data_dir and len(prompts) == len(records[:args.prompts]) and all(  # all kept,
+            "solution" in r and "answer" in r for r in records[:args.prompts]):  # e.g. the toy
+        counts = first_wrong_quadrants(rollouts, stats, mask, tokenizer, records[:args.prompts],
+                                       args.samples_per_prompt)
+        print("\nwrong rollouts (boxed answer != answer), by the quadrant of their first token that "
+              "departs from the reference solution:")
+        for part, n in counts.items():
+            print(f"  {part}: {sum(n)} wrong; first wrong token in Q1-4 " + "/".join(
+                f"{k / sum(n):.2f}" for k in n))
     os.makedirs(args.output_dir, exist_ok=True)
     plot_quadrants(stats, mask, thresholds, os.path.join(args.output_dir, "quadrants.png"))
     plot_coverage(coverage, os.path.join(args.output_dir, "coverage.png"))

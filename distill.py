@@ -223,7 +223,8 @@ def train(args):
     if world > 1:
         shard(teacher), shard(student)
     student.train()
-    optimizer = torch.optim.AdamW(student.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    optimizer = torch.optim.AdamW(student.parameters(), lr=args.lr, weight_decay=args.weight_decay,
+                                  eps=args.adam_eps)
     scheduler = get_cosine_schedule_with_warmup(optimizer, args.warmup_steps, args.steps)
     cfg = argparse.Namespace(**{**vars(args), "dtype": dtype, "pad_id": pad_id(tokenizer)})
 
@@ -337,6 +338,7 @@ def parse_args(argv=None):
                    help="rows per lm_head projection chunk (the paper's)")
     p.add_argument("--weight-decay", type=float, default=0.1,
                    help="AdamW weight decay (ours, from the authors' launcher)")
+    p.add_argument("--adam-eps", type=float, default=1e-8, help="AdamW eps (README: verdict (d))")
     p.add_argument("--gradient-checkpointing", choices=["auto", "on", "off"], default="auto",
                    help="activation checkpointing of the student (auto: on for CUDA)")
     p.add_argument("--max-skipped-steps", type=int, default=5,
@@ -398,6 +400,7 @@ def resolve_defaults(args):
             raise UsageError(f"cannot build the toy pair: {e}")
         args.dataset = args.dataset or toy.split_path("train")
         args.eval_benchmarks = args.eval_benchmarks or "toy"
+        torch.set_num_threads(toy.SETTINGS["threads"])  # the README's numbers on any core count
     agentic = args.task == "deepplanning"
     args.eval_benchmarks = args.eval_benchmarks or ("deepplanning" if agentic else "math500")
     limits = {k: AGENTIC_DEFAULTS[k] for k in ("max_turns", "max_total_tokens")}
@@ -436,8 +439,10 @@ def main(argv=None):
     evals = [r for r in history if any(k.startswith("eval/") for k in r)]
     if args.toy and len(evals) >= 2:
         key = next(k for k in evals[-1] if k.startswith("eval/"))
+        parts = "".join(f", {k[len(key) + 1:]} {100 * evals[0][k]:.1f}% -> {100 * evals[-1][k]:.1f}%"
+                        for k in evals[-1] if k.startswith(key + "/"))  # the toy's parts
         print(f"held-out accuracy ({key}): before {100 * evals[0][key]:.1f}% -> "
-              f"after {100 * evals[-1][key]:.1f}%")
+              f"after {100 * evals[-1][key]:.1f}%" + (f" ({parts[2:]})" if parts else ""))
     print(f"metrics and checkpoints in {args.output_dir}")
 
 

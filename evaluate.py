@@ -31,6 +31,8 @@ Metrics over P problems x k samples (verdicts: a (P, k) 0/1 matrix):
     no_box           share of completions with no boxed answer.
     truncated        share of completions cut by --max-new-tokens before their end of sequence.
     response_length  mean completion length in tokens (the end-of-sequence token included).
+    mean/<part>      mean@k over the problems of one part, where the rows carry a "part" (the toy's
+                     held-out split: misconception / other); printed under the table.
 
 Outputs: the markdown table on stdout; <output-dir>/scores.json (settings, a summary per benchmark)
 and <output-dir>/completions.jsonl (every completion, its extracted answer and verdict), written
@@ -98,7 +100,8 @@ def load_benchmark(name, data=None, limit=None):
         gold = str(answer) if answer not in (None, "") else extract_boxed(row.get("solution") or "")
         if not gold:
             raise UsageError(f"{name}: row {i} has no gold answer")
-        problems.append({"problem": row[problem_field], "answer": gold})
+        part = {"part": row["part"]} if "part" in row else {}  # the toy's misconception / other
+        problems.append({"problem": row[problem_field], "answer": gold, **part})
     return problems
 
 
@@ -201,6 +204,9 @@ def score(name, problems, completions, lengths, truncated, samples):
                "no_box": sum(r["extracted"] is None for r in rows) / len(rows),
                "truncated": sum(truncated) / len(rows),
                "response_length": sum(lengths) / len(rows)}
+    for part in sorted({p["part"] for p in problems if "part" in p}):  # mean/<part>: the toy's
+        summary[f"mean/{part}"] = mean_at_k([v for v, p in zip(verdicts, problems)
+                                             if p.get("part") == part])["mean"]
     return summary, rows
 
 
@@ -299,6 +305,8 @@ def during_training(model, tokenizer, args):
             limit=args.eval_limit, seed=args.seed, data_dir=args.data_dir,
             max_turns=args.max_turns, max_total_tokens=args.max_total_tokens)
         scores[f"eval/{name}/mean@{args.eval_samples}"] = summary["mean"]
+        scores.update({f"eval/{name}/mean@{args.eval_samples}/{k[5:]}": v  # per part (the toy)
+                       for k, v in summary.items() if k.startswith("mean/")})
     return scores
 
 
@@ -417,6 +425,11 @@ def run(args):
     agentic = [s for s in summaries if s["benchmark"] == "deepplanning"]
     print("\n\n".join(markdown_table(group) for group in
                        ([s for s in summaries if s not in agentic], agentic) if group))
+    for s in summaries:  # a benchmark whose rows have parts (the toy): mean@k of each part
+        parts = [k for k in s if k.startswith("mean/")]
+        if parts:
+            print(f"{s['benchmark']} mean@k by part: " + ", ".join(
+                f"{k[5:]} {100 * s[k]:.1f}%" for k in parts))
     # Files only now, when every benchmark has been scored: an error above leaves nothing behind.
     os.makedirs(args.output_dir, exist_ok=True)
     scores = {"model": args.model, "settings": vars(args),

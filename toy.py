@@ -1,11 +1,11 @@
 """The embedded toy world: a synthetic arithmetic task, a character-level tokenizer and two small
 Qwen3 models trained on the CPU, so that `python distill.py` distils a real student, no download.
 
-    python toy.py                     # build teacher + student once (~2.5 min on 2 CPU cores)
+    python toy.py                     # build teacher + student once (minutes on 2 CPU cores)
     python toy.py --cache-dir DIR     # build elsewhere (or set TIP_TOY_CACHE); --force rebuilds
 
 Contract (what the other files import):
-  make_problems(n, seed)            n distinct items {"problem", "solution", "answer"}
+  make_problems(n, seed)            n distinct items {"problem", "solution", "answer", "part"}
   make_tokenizer()                  a PreTrainedTokenizerFast, one token per character, Qwen chat
                                     template and special tokens (eos <|im_end|>, pad <|endoftext|>)
   build(cache_dir, seed, force)     train and save both -> (teacher_dir, student_dir); reuses a
@@ -20,23 +20,31 @@ answer is read back from the columns:
 
     What is 478 + 657?      8+7+0=15        each column: digit + digit + carry in = two-digit sum
                             7+5+1=13
-                            4+6+1=11
-                            \\boxed{1135}
+                            4+6+1=11        the misconception writes 4+6+0=10 here ...
+                            \\boxed{1135}    ... and so boxes 1035
 
 Every line has the same width (the carry is written even when it is 0, the sum always has two
 digits), so each digit a model must look up sits at a fixed distance. A 0.8M-parameter model then
-learns the task in a few hundred steps; with lines of varying width, or with multiplication mixed
-in, it needed several times more steps than a 3-minute build allows.
+learns the task in a few hundred steps.
+
+The student makes two kinds of mistake, the two kinds TIP is about:
+  - a misconception, confident and wrong (Q3): it never carries into the hundreds column (the
+    carry it writes there is always 0). Every problem whose tens column carries (about half of
+    them, `part` "misconception") then gets a wrong answer, and at that one token the student is
+    near-certain (it learned the 0 from data) while the teacher gives it almost no probability.
+  - slips, uncertain (Q1): it is undertrained, so it sometimes gets a digit sum or a read-back
+    wrong with moderate entropy, on both parts.
+How: the teacher is trained on the right solutions for `steps`. The student is the teacher's run at
+`student_from_step` (a fixed step, not a target accuracy: a probe crossing amplified float
+differences between CPUs), then `student_steps` more supervised steps on the same problems worked
+with the dropped carry. Same architecture and tokenizer, so the student has the capacity to catch
+up under on-policy distillation, and both kinds of mistake are its own most likely tokens.
 
 Notation: B items in a batch, T positions, V vocabulary (96 characters + 3 special tokens = 99).
 
-Departures from the paper (Qwen3-8B -> Qwen3-4B on MATH): everything here is a toy. The student is
-not a smaller model but a snapshot of the teacher's own training run, taken when its greedy
-accuracy on training problems is nearest 40%: same architecture and tokenizer, less supervised
-training. So it has the capacity to catch up under on-policy distillation, and its mistakes are its
-own most likely tokens (at the first wrong token of a greedy answer, typically p ~ 0.5 where the
-teacher gives that token < 1%: a wrong digit sum, a wrong read-back), not the noise of a model too
-small to learn the task.
+Departures from the paper (Qwen3-8B -> Qwen3-4B on MATH): everything here is a toy, and the
+misconception is planted on purpose, so that the low-entropy, high-divergence quadrant (Q3) holds a
+known share of the learning signal instead of whatever a short run happens to leave.
 """
 import hashlib
 import json
@@ -62,18 +70,29 @@ from rollouts import sample
 # The task
 # ---------------------------------------------------------------------------------------------
 
-def make_item(a, b):
-    """One item: `a + b` worked column by column from the units, as fixed-width lines."""
+DROPPED_CARRY_COLUMN = 2  # the hundreds (columns count from the units, 0)
+PARTS = ("misconception", "other")
+
+
+def make_item(a, b, misconception=False):
+    """One item: `a + b` worked column by column from the units, as fixed-width lines. With
+    `misconception`, the student's wrong procedure: the carry into the hundreds column is dropped
+    (written 0), and the rest follows from the lines as written. `part` says whether the right
+    procedure carries into the hundreds, i.e. whether the misconception changes the item."""
     width = max(len(str(a)), len(str(b)))  # the shorter number gets leading zeros: 0 + digit
-    lines, written, carry = [], [], 0
-    for x, y in zip(map(int, str(a).zfill(width)[::-1]), map(int, str(b).zfill(width)[::-1])):
+    lines, written, carry, part = [], [], 0, "other"
+    for col, (x, y) in enumerate(zip(map(int, str(a).zfill(width)[::-1]),
+                                     map(int, str(b).zfill(width)[::-1]))):
+        if col == DROPPED_CARRY_COLUMN and carry:
+            part = "misconception"
+            carry = 0 if misconception else carry  # the one wrong step: a carry it never writes
         total = x + y + carry
         lines.append(f"{x}+{y}+{carry}={total:02d}")  # e.g. 4+6+1=11
         written.append(str(total % 10))
         carry = total // 10
     answer = ("1" if carry else "") + "".join(reversed(written))  # a last carry becomes a digit
     solution = "\n".join(lines + [f"\\boxed{{{answer}}}"])
-    return {"problem": f"What is {a} + {b}?", "solution": solution, "answer": answer}
+    return {"problem": f"What is {a} + {b}?", "solution": solution, "answer": answer, "part": part}
 
 
 def make_problems(n, seed=0):
@@ -159,20 +178,25 @@ def greedy_accuracy(model, tokenizer, items, batch_size=128, max_new_tokens=48):
     return sum(last_boxed(t) == it["answer"] for t, it in zip(texts, items)) / len(items)
 
 
-def train(model, tokenizer, items, s, seed):
-    """AdamW with a linear warm-up, then a cosine decay to 10% of the peak lr. Every
-    `probe_every` steps, greedy accuracy on the first `probe_size` training items; returns the
-    state dict of the probe nearest `student_target` and that probe {"step", "accuracy"}. The
-    held-out split plays no part in choosing the student."""
-    rng = random.Random(seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=s["lr"], betas=(0.9, 0.95), weight_decay=0.1)
-    steps, warmup = s["steps"], max(1, s["steps"] // 20)
+def part_accuracy(model, tokenizer, items):
+    """greedy_accuracy on each part of `items` and on all of them: {"all", "misconception", ...}."""
+    parts = {p: [it for it in items if it["part"] == p] for p in PARTS}
+    acc = {p: greedy_accuracy(model, tokenizer, its) if its else 0.0 for p, its in parts.items()}
+    return {"all": sum(acc[p] * len(its) for p, its in parts.items()) / len(items), **acc}
+
+
+def train(model, tokenizer, items, steps, lr, s, seed, desc, snapshot_at=None):
+    """`steps` of AdamW on `items` (batches of s["batch_size"] drawn from `seed`): a linear
+    warm-up, then a cosine decay to 10% of `lr` at the last step. A fixed budget, not a target
+    accuracy: a build never looks at a score to decide when to stop. Returns a copy of the
+    weights after step `snapshot_at` (or None)."""
+    rng, snapshot = random.Random(seed), None
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1)
+    warmup = max(1, steps // 20)
     factor = lambda k: min(1.0, (k + 1) / warmup) * (0.55 + 0.45 * math.cos(math.pi * k / steps))
     schedule = torch.optim.lr_scheduler.LambdaLR(opt, factor)
-    target, snapshot, probe, probing = s["student_target"], None, None, True
-    bar = tqdm(range(1, steps + 1), desc="toy: train teacher (student = an early snapshot)")
-    for step in bar:
-        model.train()
+    model.train()
+    for step in (bar := tqdm(range(1, steps + 1), desc=desc)):
         input_ids, labels, mask = encode(tokenizer, rng.sample(items, s["batch_size"]))  # (B, T)
         loss = model(input_ids=input_ids, attention_mask=mask, labels=labels).loss
         loss.backward()
@@ -180,37 +204,33 @@ def train(model, tokenizer, items, s, seed):
         opt.step()
         schedule.step()
         opt.zero_grad(set_to_none=True)
-        if probing and step % s["probe_every"] == 0:
-            model.eval()
-            acc = greedy_accuracy(model, tokenizer, items[: s["probe_size"]])
-            if probe is None or abs(acc - target) < abs(probe["accuracy"] - target):
-                snapshot = {k: v.clone() for k, v in model.state_dict().items()}
-                probe = {"step": step, "accuracy": acc}
-            probing = acc < target  # past it: later probes only climb further (nearly always)
-        bar.set_postfix(loss=f"{loss.item():.3f}", student_probe=probe and probe["accuracy"])
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+        if step == snapshot_at:
+            snapshot = {k: v.clone() for k, v in model.state_dict().items()}
     model.eval()
-    return snapshot, probe
+    return snapshot
 
 
 # ---------------------------------------------------------------------------------------------
 # Building the pair into a cache folder
 # ---------------------------------------------------------------------------------------------
 
-# `python distill.py` on the toy pair: 8 prompts x 4 rollouts = 32 per step, about 0.7 s a step.
-DISTILL_DEFAULTS = dict(lr=1e-3, steps=200, prompts_per_step=8, samples_per_prompt=4,
-                        max_new_tokens=48, micro_batch_size=32, generation_batch_size=32,
+# `python distill.py` on the toy pair: 8 prompts x 4 rollouts = 32 per step; 150 steps keep the
+# first command (build, distillation, two evaluations) under 10 minutes on 2 cores.
+DISTILL_DEFAULTS = dict(lr=1e-3, steps=150, prompts_per_step=8, samples_per_prompt=4,
+                        max_new_tokens=48, micro_batch_size=32, generation_batch_size=128,
                         warmup_steps=10)
-FORMAT_VERSION = 1  # bump whenever the code changes what a build produces: old caches go stale
+FORMAT_VERSION = 2  # bump whenever the code changes what a build produces: old caches go stale
 SETTINGS = dict(
     model=dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4,
                num_attention_heads=4, num_key_value_heads=2, head_dim=32),
     n_train=20000, n_heldout=500, steps=400, batch_size=32, lr=3e-3,
-    probe_every=10, probe_size=64, student_target=0.4,
+    student_from_step=175, student_steps=100, student_lr=3e-3, threads=1,
 )
 QUICK = dict(  # a build of a few seconds for the tests: the same code path, tiny everything
     model=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                num_attention_heads=2, num_key_value_heads=1, head_dim=16),
-    n_train=64, n_heldout=16, steps=4, batch_size=8, probe_every=2, probe_size=8,
+    n_train=64, n_heldout=16, steps=4, batch_size=8, student_from_step=2, student_steps=2,
 )
 FILES = ["stamp.json", "train.jsonl", "heldout.jsonl"] + [
     f"{who}/{name}" for who in ("teacher", "student")
@@ -240,6 +260,25 @@ def read_stamp(cache_dir):
         return json.load(f)
 
 
+def train_pair(tokenizer, train_items, s, seed):
+    """The teacher on the right solutions; the student from the teacher's run at a fixed step, then
+    a fixed budget of supervised steps on the same problems worked with the misconception."""
+    torch.manual_seed(seed)  # the initial weights
+    config = Qwen3Config(vocab_size=len(tokenizer), max_position_embeddings=512,
+                         tie_word_embeddings=True, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id, bos_token_id=None, **s["model"])
+    teacher = Qwen3ForCausalLM(config)  # eos and pad also land in its generation_config
+    snapshot = train(teacher, tokenizer, train_items, s["steps"], s["lr"], s, seed,
+                     "toy: teacher", snapshot_at=s["student_from_step"])
+    student = Qwen3ForCausalLM(config)
+    student.load_state_dict(snapshot)
+    wrong = [make_item(*map(int, re.findall(r"\d+", item["problem"])), misconception=True)
+             for item in train_items]
+    train(student, tokenizer, wrong, s["student_steps"], s["student_lr"], s, seed + 1,
+          "toy: student (misconception)")
+    return teacher, student
+
+
 def build(cache_dir=None, seed=0, force=False, quick=False):
     """Train the teacher (and take the student from its run) and save both, the tokenizer and the
     splits under cache_dir -> (teacher_dir, student_dir). Skipped when the cache holds a complete
@@ -258,17 +297,16 @@ def build(cache_dir=None, seed=0, force=False, quick=False):
     t0 = time.time()
     tokenizer = make_tokenizer()
     train_items, heldout = make_splits(seed, s["n_train"], s["n_heldout"])
-    torch.manual_seed(seed)  # the initial weights
-    config = Qwen3Config(vocab_size=len(tokenizer), max_position_embeddings=512,
-                         tie_word_embeddings=True, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id, bos_token_id=None, **s["model"])
-    teacher = Qwen3ForCausalLM(config)  # eos and pad also land in its generation_config
-    snapshot, probe = train(teacher, tokenizer, train_items, s, seed)
-    student = Qwen3ForCausalLM(config)
-    student.load_state_dict(snapshot)
-    student.eval()
-    accuracy = {who: greedy_accuracy(m, tokenizer, heldout)
-                for who, m in (("teacher", teacher), ("student", student))}
+    # The pair is trained on s["threads"] threads whatever the machine has: the thread count sets
+    # the float reduction order, and a few ulps early in training move the student by points.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(s["threads"])
+    try:
+        teacher, student = train_pair(tokenizer, train_items, s, seed)
+        accuracy = {who: part_accuracy(m, tokenizer, heldout)
+                    for who, m in (("teacher", teacher), ("student", student))}
+    finally:
+        torch.set_num_threads(threads)
 
     # Write everything into a temporary sibling folder, then swap it in with renames: a build
     # killed at any point leaves either the old cache or the new one, never a half-written one.
@@ -282,8 +320,8 @@ def build(cache_dir=None, seed=0, force=False, quick=False):
         for split, items in (("train", train_items), ("heldout", heldout)):
             with open(split_path(split, tmp), "w") as f:
                 f.writelines(json.dumps(item) + "\n" for item in items)
-        stamp = {"key": key, "format": FORMAT_VERSION, "settings": s, "student_probe": probe,
-                 "heldout_accuracy": accuracy, "build_seconds": round(time.time() - t0, 1)}
+        stamp = {"key": key, "format": FORMAT_VERSION, "settings": s, "heldout_accuracy": accuracy,
+                 "build_seconds": round(time.time() - t0, 1)}
         with open(os.path.join(tmp, "stamp.json"), "w") as f:
             json.dump(stamp, f, indent=1)
         done = read_stamp(cache_dir)
@@ -316,12 +354,13 @@ def main(argv=None):
     except (FileExistsError, PermissionError, NotADirectoryError) as e:
         p.exit(2, f"error: cannot build the toy pair in {cache_dir}: {e}\n")
     stamp = read_stamp(cache_dir)  # the numbers of the build, even when it was reused
-    acc, s = stamp["heldout_accuracy"], stamp["settings"]
-    print(f"toy: greedy held-out accuracy on {s['n_heldout']} problems: teacher "
-          f"{100 * acc['teacher']:.1f}%, student {100 * acc['student']:.1f}% (the teacher's run "
-          f"at step {stamp['student_probe']['step']}/{s['steps']}); "
-          f"built in {stamp['build_seconds']:.0f}s")
-    print(f"toy: {teacher_dir}, {student_dir}, {split_path('train', cache_dir)}, "
+    s = stamp["settings"]
+    for who, acc in stamp["heldout_accuracy"].items():
+        print(f"toy: {who} greedy held-out accuracy on {s['n_heldout']} problems: "
+              f"{100 * acc['all']:.1f}% (" + ", ".join(f"{p} {100 * acc[p]:.1f}%" for p in PARTS)
+              + ")")
+    print(f"toy: built in {stamp['build_seconds']:.0f}s on {s['threads']} torch thread(s); "
+          f"{teacher_dir}, {student_dir}, {split_path('train', cache_dir)}, "
           f"{split_path('heldout', cache_dir)}")
 
 

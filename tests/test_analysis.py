@@ -129,3 +129,34 @@ def test_analysis_refuses_a_non_writable_output_dir(tmp_path):
     r = subprocess.run([sys.executable, os.path.join(REPO, "analysis.py"), "--output-dir",
                         str(tmp_path / "afile" / "out")], capture_output=True, text=True)
     assert r.returncode == 2 and "is not writable" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_first_wrong_quadrants_finds_the_first_departure_from_the_reference():
+    """Wrong rollouts are counted at their first token that differs from the worked solution;
+    right ones are skipped; parts are counted apart (the toy's misconception / other)."""
+    import distill
+    import toy
+    tok = toy.make_tokenizer()
+    records = [toy.make_item(478, 657), toy.make_item(123, 456)]  # misconception, other
+    assert [r["part"] for r in records] == ["misconception", "other"]
+    ids = lambda text: tok(text + tok.eos_token)["input_ids"]  # noqa: E731
+    responses = [ids(toy.make_item(478, 657, misconception=True)["solution"]),  # dropped carry
+                 ids(records[0]["solution"]),                                   # right
+                 ids(records[1]["solution"].replace("2+5+0=07", "2+5+0=08").replace("579", "589")),
+                 ids(records[1]["solution"].replace("{579}", "{679}"))]         # read back wrong
+    prompts = [tok(toy.render_prompt(tok, r["problem"], "problem"))["input_ids"] for r in records
+               for _ in range(2)]
+    rollouts = distill.Rollouts(prompts, responses)
+    _, _, mask = distill.collate(prompts, responses, tok.pad_token_id)  # (4, L)
+    quadrant = torch.zeros(mask.shape, dtype=torch.long)  # (4, L): quadrant = response index % 4 + 1
+    for b in range(4):
+        cols = mask[b].nonzero().flatten()
+        quadrant[b, cols] = torch.arange(len(cols)) % 4 + 1
+    counts = analysis.first_wrong_quadrants(rollouts, {"quadrant": quadrant}, mask, tok, records, 2)
+    # Rollout 0 departs at index 22 (the carry of line 3) -> Q3; rollout 2 at index 16 (the sum's
+    # units digit of line 2) -> Q1; rollout 3 at the boxed answer's first digit, index 34 -> Q3.
+    first = [22, 16, 34]
+    assert [toy.make_item(478, 657)["solution"][22], records[1]["solution"][16],
+            records[1]["solution"][34]] == ["1", "7", "5"]
+    assert counts == {"all": [1, 0, 2, 0], "misconception": [0, 0, 1, 0], "other": [1, 0, 1, 0]}
+    assert [j % 4 + 1 for j in first] == [3, 1, 3]

@@ -22,7 +22,7 @@ def result(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("TIP_TOY_CACHE", cache)  # the train and held-out splits of this build
         rows = sweep.sweep(teacher, student, str(out), steps=2, seeds=[0, 1],
-                           configs=[("all", 1.0), ("soft-or", 0.5)])
+                           configs=[("all", 1.0), ("soft-or", 0.5)], curve_every=1)
     return rows, out
 
 
@@ -48,11 +48,19 @@ def test_sweep_scores_every_run_and_summarises_over_seeds(result):
         a, s = first("all-1", seed), first("soft-or-0.5", seed)
         assert a["response_tokens"] == s["response_tokens"] == a["kept_tokens"]
         assert s["kept_tokens"] < a["kept_tokens"]
+        for part in sweep.PARTS:  # the per-part columns: each run's last evaluation, by part
+            assert row[part] == pytest.approx(statistics.mean(100 * r["parts"][part] for r in runs))
+            assert [r["parts"][part] for r in runs] == [r["curve"][-1][part] for r in runs]
+    saved_runs = {(r["rule"], r["seed"]): r for r in saved["runs"]}
+    # all@1 is scored every curve_every=1 step (the curves), soft-or@0.5 only at the end
+    assert [c["step"] for c in saved_runs[("all", 0)]["curve"]] == [1, 2]
+    assert [c["step"] for c in saved_runs[("soft-or", 0)]["curve"]] == [2]
+    assert set(saved["start"]) == {"mean", *sweep.PARTS}  # the student before, overall and by part
     table = open(out / "table.md").read()
-    assert "| soft-or | 0.5 |" in table and "seeds 0, 1" in table
-    drawn = sweep.plot_sweep(rows, 50.0, out / "again.png")
+    assert "| soft-or | 0.5 |" in table and "seeds 0, 1" in table and "misconception %" in table
+    drawn = sweep.plot_sweep(rows, {"mean": 50.0}, out / "again.png")
     assert drawn == {f"{r['rule']}@{r['keep']:g}": r["accuracy"] for r in rows}
-    assert (out / "sweep.png").is_file()
+    assert (out / "sweep.png").is_file() and (out / "misconception_curves.png").is_file()
 
 
 @pytest.mark.parametrize("flags, message", [
@@ -60,7 +68,8 @@ def test_sweep_scores_every_run_and_summarises_over_seeds(result):
     (["--configs", "entropy@1.5"], "keep must be in (0, 1]"),
     (["--configs", "entropy"], "is not RULE@KEEP"),
     (["--seeds", "a,b"], "--seeds must be comma-separated integers"),
-    (["--steps", "0"], "--steps must be at least 1"),
+    (["--steps", "0"], "--steps and --curve-every must be at least 1"),
+    (["--curve-every", "0"], "--steps and --curve-every must be at least 1"),
 ])
 def test_bad_settings_get_one_line_and_status_2(flags, message, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_:

@@ -1,5 +1,5 @@
 """toy.py: the tokenizer, the task, the quick check, and a tiny build that saves, reloads, is
-reproducible and is cached. The real 2.5-minute build is only checked when it already exists."""
+reproducible and is cached. The real build (minutes) is only checked when it already exists."""
 import os
 import re
 import shutil
@@ -84,6 +84,33 @@ def test_items_are_correct_worked_additions():
     assert toy.make_item(999, 999)["solution"] == "9+9+0=18\n9+9+1=19\n9+9+1=19\n\\boxed{1998}"
     assert toy.make_item(100, 200)["answer"] == "300"
     assert toy.make_item(5, 123)["solution"] == "5+3+0=08\n0+2+0=02\n0+1+0=01\n\\boxed{128}"
+
+
+def test_misconception_drops_the_hundreds_carry_and_parts_say_where_it_matters():
+    # 478 + 657: the tens carry into the hundreds, so the misconception changes the answer.
+    right, wrong = toy.make_item(478, 657), toy.make_item(478, 657, misconception=True)
+    assert right["solution"] == "8+7+0=15\n7+5+1=13\n4+6+1=11\n\\boxed{1135}"
+    assert wrong["solution"] == "8+7+0=15\n7+5+1=13\n4+6+0=10\n\\boxed{1035}"
+    assert right["part"] == wrong["part"] == "misconception"
+    assert toy.make_item(999, 999, misconception=True)["answer"] == "1898"  # 1998 done right
+    # The carry into the tens is kept, and so is a last carry that becomes the thousands digit.
+    assert toy.make_item(195, 816, misconception=True)["solution"] == (
+        "5+6+0=11\n9+1+1=11\n1+8+0=09\n\\boxed{911}")  # right: 1011
+    assert toy.make_item(150, 960, misconception=True)["solution"] == (
+        "0+0+0=00\n5+6+0=11\n1+9+0=10\n\\boxed{1010}")  # right: 1110
+    # No carry into the hundreds: both procedures write the same solution, part "other".
+    for a, b in [(123, 456), (5, 123), (951, 48), (545, 454), (950, 140)]:
+        assert toy.make_item(a, b, misconception=True) == toy.make_item(a, b)
+        assert toy.make_item(a, b)["part"] == "other"
+    assert toy.make_item(950, 140, misconception=True)["answer"] == "1090"  # a last carry is kept
+    items = toy.make_problems(2000, seed=0)
+    share = sum(it["part"] == "misconception" for it in items) / len(items)
+    assert 0.4 < share < 0.6  # about half the problems trigger it
+    for it in items[:300]:  # part == misconception exactly when the tens column carries
+        a, b = map(int, re.findall(r"\d+", it["problem"]))
+        carries = (a % 100 + b % 100) >= 100
+        assert (it["part"] == "misconception") == carries
+        assert (toy.make_item(a, b, misconception=True)["answer"] == str(a + b)) == (not carries)
 
 
 def test_splits_are_deterministic_and_disjoint():
@@ -181,15 +208,36 @@ def test_build_saves_models_tokenizer_and_splits(quick_cache, tmp_path):
         assert model.generation_config.pad_token_id == tok.pad_token_id == 0
         assert tok.decode(tok(heldout[0]["solution"])["input_ids"]) == heldout[0]["solution"]
 
-    # The student is an earlier snapshot of the same run: same shapes, other weights.
+    # The student branches off the teacher's run: same shapes, other weights.
     text = prompt(toy.make_tokenizer(), heldout[0]["problem"]) + heldout[0]["solution"]
     t, s = logits_of(teacher_dir, text), logits_of(student_dir, text)
     assert t.shape == s.shape == (1, len(toy.make_tokenizer()(text)["input_ids"]), 99)
     assert not torch.allclose(t, s)
-    # Reproducible from the seed: a second build elsewhere reloads to identical logits.
+    # Deterministic: a second build elsewhere has bit-identical weights (same threads, same CPU).
     for model_dir, again_dir in zip((teacher_dir, student_dir),
                                     toy.build(str(tmp_path / "again"), seed=0, quick=True)):
-        assert torch.equal(logits_of(model_dir, text), logits_of(again_dir, text))
+        mine, again = (AutoModelForCausalLM.from_pretrained(d).state_dict() for d in (model_dir, again_dir))
+        assert mine.keys() == again.keys() and all(torch.equal(mine[k], again[k]) for k in mine)
+    assert toy.read_stamp(cache)["heldout_accuracy"].keys() == {"teacher", "student"}
+    assert toy.read_stamp(cache)["heldout_accuracy"]["student"].keys() == {"all", "misconception", "other"}
+
+
+def test_student_is_trained_on_the_misconception(quick_cache, monkeypatch, tmp_path):
+    """The build trains the teacher on the right solutions and the student, from the teacher's
+    snapshot, on the same problems worked with the dropped carry: checked on what train() gets."""
+    calls, real_train = [], toy.train
+    monkeypatch.setattr(toy, "train", lambda model, tok, items, steps, lr, *a, **k: calls.append(
+        (items, steps, lr, k.get("snapshot_at"))) or real_train(model, tok, items, steps, lr, *a, **k))
+    toy.build(str(tmp_path / "spy"), seed=0, quick=True)
+    (teacher_items, t_steps, _, snap), (student_items, s_steps, _, _) = calls
+    assert (t_steps, snap, s_steps) == (toy.QUICK["steps"], toy.QUICK["student_from_step"],
+                                        toy.QUICK["student_steps"])
+    assert teacher_items == toy.make_splits(0, toy.QUICK["n_train"], toy.QUICK["n_heldout"])[0]
+    assert [it["problem"] for it in student_items] == [it["problem"] for it in teacher_items]
+    for t, s in zip(teacher_items, student_items):
+        a, b = map(int, re.findall(r"\d+", t["problem"]))
+        assert s == toy.make_item(a, b, misconception=True)
+        assert (s["solution"] != t["solution"]) == (t["part"] == "misconception")
 
 
 def test_cache_is_reused_and_rebuilt_when_stale(quick_cache, tmp_path, monkeypatch):
@@ -205,13 +253,13 @@ def test_cache_is_reused_and_rebuilt_when_stale(quick_cache, tmp_path, monkeypat
     os.remove(os.path.join(copy, "student", "model.safetensors"))  # as if half-written
     assert toy.read_stamp(copy) is None
     toy.build(copy, seed=0, quick=True)
-    assert calls == [1] and toy.read_stamp(copy)["key"] == stamp["key"]
+    assert calls == [1, 1] and toy.read_stamp(copy)["key"] == stamp["key"]  # teacher, student
     toy.build(copy, seed=1, quick=True)  # other settings: rebuilt
-    assert calls == [1, 1] and toy.read_stamp(copy)["settings"]["seed"] == 1
+    assert len(calls) == 4 and toy.read_stamp(copy)["settings"]["seed"] == 1
     assert toy.load_split("heldout", copy) == toy.make_splits(1, 64, 16)[1]
     toy.build(copy, seed=1, quick=True, force=True)
     toy.build(copy, seed=1, quick=True)
-    assert calls == [1, 1, 1]
+    assert len(calls) == 6
 
 
 def test_build_refuses_to_replace_a_foreign_folder(tmp_path):
@@ -237,7 +285,8 @@ def test_built_pair_is_a_strong_teacher_and_a_weaker_student():
         pytest.skip("the toy pair is not built (run `python toy.py`)")
     heldout = toy.load_split("heldout", cache)[:100]
     tok = AutoTokenizer.from_pretrained(os.path.join(cache, "teacher"))
-    acc = {who: toy.greedy_accuracy(AutoModelForCausalLM.from_pretrained(os.path.join(cache, who)),
-                                    tok, heldout) for who in ("teacher", "student")}
-    assert acc["teacher"] >= 0.9
-    assert 0.15 <= acc["student"] <= 0.7
+    acc = {who: toy.part_accuracy(AutoModelForCausalLM.from_pretrained(os.path.join(cache, who)),
+                                  tok, heldout) for who in ("teacher", "student")}
+    assert acc["teacher"]["misconception"] >= 0.9 and acc["teacher"]["other"] >= 0.9
+    assert acc["student"]["misconception"] <= 0.2  # it drops the carry
+    assert 0.2 <= acc["student"]["other"] <= 0.9  # and slips elsewhere
