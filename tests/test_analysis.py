@@ -134,8 +134,8 @@ def test_analysis_refuses_a_non_writable_output_dir(tmp_path):
 def test_first_wrong_quadrants_finds_the_first_departure_from_the_reference():
     """Wrong rollouts are counted at their first token that differs from the worked solution;
     right ones are skipped; parts are counted apart (the toy's misconception / other)."""
-    import distill
     import toy
+    from rollouts import Rollouts, collate
     tok = toy.make_tokenizer()
     records = [toy.make_item(478, 657), toy.make_item(123, 456)]  # misconception, other
     assert [r["part"] for r in records] == ["misconception", "other"]
@@ -146,8 +146,8 @@ def test_first_wrong_quadrants_finds_the_first_departure_from_the_reference():
                  ids(records[1]["solution"].replace("{579}", "{679}"))]         # read back wrong
     prompts = [tok(toy.render_prompt(tok, r["problem"], "problem"))["input_ids"] for r in records
                for _ in range(2)]
-    rollouts = distill.Rollouts(prompts, responses)
-    _, _, mask = distill.collate(prompts, responses, tok.pad_token_id)  # (4, L)
+    rollouts = Rollouts(prompts, responses)
+    _, _, mask = collate(prompts, responses, tok.pad_token_id)  # (4, L)
     quadrant = torch.zeros(mask.shape, dtype=torch.long)  # (4, L): quadrant = response index % 4 + 1
     for b in range(4):
         cols = mask[b].nonzero().flatten()
