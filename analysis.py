@@ -19,7 +19,6 @@ The math is tip.py's and the rules are selection.py's: nothing here computes a d
 import html
 import json
 import os
-import re
 import sys
 
 import matplotlib
@@ -77,8 +76,7 @@ def first_wrong_quadrants(rollouts, stats, mask, tokenizer, records, samples_per
     counts = {}
     for b, response in enumerate(rollouts.responses):
         record = records[b // samples_per_prompt]  # rollouts of one prompt are consecutive
-        boxed = re.findall(r"\\boxed\{([^{}]*)\}", tokenizer.decode(response, skip_special_tokens=True))
-        if boxed and boxed[-1] == str(record["answer"]):
+        if toy.last_boxed(tokenizer.decode(response, skip_special_tokens=True)) == str(record["answer"]):
             continue
         reference = tokenizer(record["solution"] + tokenizer.eos_token, add_special_tokens=False)["input_ids"]
         j = next((j for j, (a, r) in enumerate(zip(response, reference)) if a != r),

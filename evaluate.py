@@ -35,14 +35,14 @@ Metrics over P problems x k samples (verdicts: a (P, k) 0/1 matrix):
                      held-out split: misconception / other); printed under the table.
 
 Outputs: the markdown table on stdout; <output-dir>/scores.json (settings, a summary per benchmark)
-and <output-dir>/completions.jsonl (every completion, its extracted answer and verdict), written
-only once every benchmark has finished. Bad input: one line on stderr, exit status 2.
+and <output-dir>/completions.jsonl (every completion, its extracted answer and verdict), or
+episodes.jsonl for deepplanning (every episode's messages, plan and verdicts; deepplanning.py),
+written only once every benchmark has finished. Bad input: one line on stderr, exit status 2.
 
 Traps handled here: math-verify times out with signal.alarm, which only works in the main thread,
 so elsewhere (a background thread) grading runs without a timeout instead of crashing; and greedy
 decoding (temperature 0) with k > 1 would score k copies of one completion, so the CLI refuses it.
 """
-import argparse
 import json
 import os
 import re
@@ -56,7 +56,7 @@ import deepplanning
 import loading
 import toy
 from loading import UsageError
-from parallel import gather_objects, my_share
+from parallel import rank, shared_map
 from rollouts import sample, stop_ids
 
 HUB = {"math500": ("HuggingFaceH4/MATH-500", "test"),
@@ -223,75 +223,33 @@ def evaluate_benchmark(model, tokenizer, name, samples=1, temperature=0.0, max_n
     `data`: a local file to read instead of the benchmark's hub set; `problems`: already loaded
     rows (the CLI loads every benchmark before the model, so bad input fails fast). Returns the
     summary dict (see the module docstring), or (summary, rows) with `return_rows`. `deepplanning`
-    plays the held-out tasks of `data_dir` instead (evaluate_deepplanning).
+    plays the held-out tasks of `data_dir` instead (deepplanning.evaluate).
     """
     if name == "deepplanning":
-        result = evaluate_deepplanning(model, tokenizer, data_dir, samples, temperature, top_p,
+        result = deepplanning.evaluate(model, tokenizer, data_dir, samples, temperature, top_p,
                                        max_new_tokens, max_turns, max_total_tokens, batch_size,
                                        enable_thinking, limit, seed, progress, problems)
         return result if return_rows else result[0]
     if problems is None:
         problems = load_benchmark(name, data, limit)
-    # Under torchrun each rank samples its share of the problems; the answers are gathered below.
-    share = my_share(len(problems))
-    prompts = [tokenizer(loading.render_prompt(tokenizer, problems[i]["problem"], "problem",
-                                               enable_thinking), add_special_tokens=False)["input_ids"]
-               for i in share]
     if seed is not None:
         torch.manual_seed(seed * 1_009 + rank())  # the completions are a function of (seed, rank)
-    rollouts = sample(model, tokenizer, prompts, samples, max_new_tokens, temperature, top_p,
-                      batch_size, progress=progress)
     stops = stop_ids(model, tokenizer)
-    done = {}  # problem index -> its samples' (text, length, truncated)
-    for k, i in enumerate(share):
-        responses = rollouts.responses[k * samples:(k + 1) * samples]
-        done[i] = [(tokenizer.decode(r, skip_special_tokens=True), len(r),
-                    not r or r[-1] not in stops) for r in responses]  # no EOS: cut off
-    for part in gather_objects(done):
-        done.update(part)
-    flat = [done[i][j] for i in range(len(problems)) for j in range(samples)]
+
+    def complete(share):  # this rank's problems -> their samples' (text, length, truncated)
+        prompts = [tokenizer(loading.render_prompt(tokenizer, problems[i]["problem"], "problem",
+                                                   enable_thinking), add_special_tokens=False)["input_ids"]
+                   for i in share]
+        responses = sample(model, tokenizer, prompts, samples, max_new_tokens, temperature, top_p,
+                           batch_size, progress=progress).responses
+        done = [(tokenizer.decode(r, skip_special_tokens=True), len(r), not r or r[-1] not in stops)
+                for r in responses]  # no EOS: cut off
+        return [done[k * samples:(k + 1) * samples] for k in range(len(share))]
+    # Under torchrun each rank samples its share of the problems; every rank gets them all back.
+    flat = [x for per_problem in shared_map(len(problems), complete) for x in per_problem]
     texts, lengths, truncated = (list(column) for column in zip(*flat))
     summary, rows = score(name, problems, texts, lengths, truncated, samples)
     return (summary, rows) if return_rows else summary
-
-
-def evaluate_deepplanning(model, tokenizer, data_dir, samples=1, temperature=0.0, top_p=1.0,
-                          max_new_tokens=4096, max_turns=40, max_total_tokens=40960,
-                          batch_size=32, enable_thinking=False, limit=None, seed=None,
-                          progress=False, tasks=None):
-    """avg@k over the held-out DeepPlanning tasks: k episodes per task, each scored on its hard
-    constraints. Returns (summary, one row per episode: messages, plan, verdicts).
-
-    `mean` is the average hard_fraction over every episode (TIP's metric), `personalized` the
-    average personalized_score (DeepPlanning's: 1 only when every constraint passes), and `std`
-    the spread of the k sample-wise averages of hard_fraction.
-    """
-    tasks = tasks if tasks is not None else deepplanning.split_tasks(data_dir, "heldout")[:limit]
-    share = my_share(len(tasks))
-    if seed is not None:
-        torch.manual_seed(seed * 1_009 + rank())
-    played = deepplanning.play(model, tokenizer, [tasks[i] for i in share], samples, max_turns,
-                               max_new_tokens, max_total_tokens, temperature, top_p, batch_size,
-                               enable_thinking, progress)
-    done = {}  # task index -> its k rows
-    for k, i in enumerate(share):
-        done[i] = [{"benchmark": "deepplanning", "task_id": task.id, "sample": j,
-                    "messages": episode.messages, "turns": episode.turns,
-                    "tool_calls": episode.tool_calls, "truncated": episode.truncated,
-                    "tokens": len(episode.prompt) + len(episode.response), **verdict}
-                   for j, (task, episode, verdict) in enumerate(played[k * samples:(k + 1) * samples])]
-    for part in gather_objects(done):
-        done.update(part)
-    rows = [row for i in range(len(tasks)) for row in done[i]]
-    per_sample = torch.tensor([[row["hard_fraction"] for row in done[i]] for i in range(len(tasks))],
-                              dtype=torch.float64).mean(0)  # (k,): each sample's average
-    mean = lambda key: sum(float(row[key]) for row in rows) / len(rows)  # noqa: E731
-    summary = {"benchmark": "deepplanning", "n_problems": len(tasks), "samples": samples,
-               "mean": mean("hard_fraction"), "std": per_sample.std(correction=0).item(),
-               "personalized": mean("personalized_score"), "delivered": mean("delivered"),
-               "tool_calls": mean("tool_calls"), "turns": mean("turns"),
-               "truncated": mean("truncated"), "episode_tokens": mean("tokens")}
-    return summary, rows
 
 
 def during_training(model, tokenizer, args):
@@ -308,10 +266,6 @@ def during_training(model, tokenizer, args):
         scores.update({f"eval/{name}/mean@{args.eval_samples}/{k[5:]}": v  # per part (the toy)
                        for k, v in summary.items() if k.startswith("mean/")})
     return scores
-
-
-def rank():
-    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -377,7 +331,7 @@ def validate(args):
 
 def markdown_table(summaries):
     if summaries and summaries[0]["benchmark"] == "deepplanning":
-        return deepplanning_table(summaries)
+        return deepplanning.markdown_table(summaries)
     lines = ["| benchmark | problems | k | mean@k % | ± std | pass@k % | no box % | truncated % "
              "| length |", "|---|" + "---:|" * 8]
     for s in summaries:
@@ -385,17 +339,6 @@ def markdown_table(summaries):
         cells = [s["benchmark"], str(s["n_problems"]), str(s["samples"]), *shares,
                  f"{s['response_length']:.0f}"]
         lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def deepplanning_table(summaries):
-    lines = ["| benchmark | tasks | k | hard constraints % | ± std | all passed % | delivered % | "
-             "tool calls | turns | truncated % | tokens |", "|---|" + "---:|" * 10]
-    for s in summaries:
-        shares = [f"{100 * s[k]:.1f}" for k in ("mean", "std", "personalized", "delivered")]
-        lines.append(f"| {s['benchmark']} | {s['n_problems']} | {s['samples']} | " + " | ".join(shares)
-                     + f" | {s['tool_calls']:.1f} | {s['turns']:.1f} | {100 * s['truncated']:.1f} | "
-                     f"{s['episode_tokens']:.0f} |")
     return "\n".join(lines)
 
 

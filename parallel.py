@@ -31,45 +31,47 @@ def gather(values):
     return torch.cat([p[:s] for p, s in zip(parts, sizes)]), sum(sizes[:rank])
 
 
-def my_share(n):
-    """This rank's indices of n items (r, r + N, r + 2N, ...), padded with a repeat of its last so
-    every rank has ⌈n / N⌉ and makes the same generate calls (FSDP needs that); range(n) alone."""
-    world = torch.distributed.get_world_size() if distributed() else 1
-    share = list(range(torch.distributed.get_rank() if distributed() else 0, n, world))
-    return share + share[-1:] * (-(-n // world) - len(share))
-
-
-def gather_objects(obj):
-    """Every rank's picklable `obj`, as a list in rank order ([obj] in one process)."""
-    if not distributed():
-        return [obj]
-    parts = [None] * torch.distributed.get_world_size()
-    torch.distributed.all_gather_object(parts, obj)
-    return parts
+def rank():
+    return torch.distributed.get_rank() if distributed() else 0
 
 
 def world_size():
     return torch.distributed.get_world_size() if distributed() else 1
 
 
+def shared_map(n, fn):
+    """Items 0..n-1 split over the ranks: this rank calls fn(its indices) -> one result per index,
+    and every rank gets all n results in order. Rank r takes r, r + N, r + 2N, ..., padded with a
+    repeat of its last so that every rank makes the same generate calls (FSDP needs that)."""
+    world = world_size()
+    share = list(range(rank(), n, world))
+    share += share[-1:] * (-(-n // world) - len(share))
+    results = dict(zip(share, fn(share)))
+    if distributed():
+        parts = [None] * world
+        torch.distributed.all_gather_object(parts, results)
+        for part in parts:
+            results.update(part)
+    return [results[i] for i in range(n)]
+
+
 def all_reduce_sum(x):
     """Sum a number over ranks (identity in one process)."""
-    if not distributed():
-        return x
-    t = torch.tensor(float(x), dtype=torch.float64,
-                     device="cuda" if torch.cuda.is_available() else "cpu")
-    torch.distributed.all_reduce(t)
-    return t.item()
+    return _all_reduce(x, "SUM")
 
 
 def all_reduce_max(x):
     """The largest value of a number over ranks (identity in one process)."""
+    return _all_reduce(x, "MAX")
+
+
+def _all_reduce(x, op):
     if not distributed():
         return x
     t = torch.tensor(float(x), dtype=torch.float64,
                      device="cuda" if torch.cuda.is_available() else "cpu")
-    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
-    return type(x)(t.item())
+    torch.distributed.all_reduce(t, op=getattr(torch.distributed.ReduceOp, op))
+    return type(x)(t.item()) if op == "MAX" else t.item()
 
 
 def setup_distributed(device_name):

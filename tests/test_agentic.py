@@ -12,7 +12,6 @@ import pytest
 import torch
 
 import deepplanning as dp
-import evaluate
 import loading
 import rollouts
 from helpers import make_tool_pair
@@ -93,7 +92,7 @@ def test_a_scripted_policy_scores_one_through_the_evaluator(pair, monkeypatch):
     def policy(model, prompts, config, pad):
         return [tokenizer(next(turns) + "<|im_end|>", add_special_tokens=False)["input_ids"]]
     monkeypatch.setattr(rollouts, "generate", policy)
-    summary, rows = evaluate.evaluate_deepplanning(model, tokenizer, DB, tasks=[task])
+    summary, rows = dp.evaluate(model, tokenizer, DB, tasks=[task])
     assert summary["mean"] == summary["personalized"] == summary["delivered"] == 1.0
     assert rows[0]["turns"] == 2 and rows[0]["tool_calls"] == 1
     assert '"latitude"' in rows[0]["messages"][1]["content"]  # the sandbox answered the call
