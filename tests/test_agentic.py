@@ -14,8 +14,8 @@ import torch
 import deepplanning as dp
 import loading
 import rollouts
+from deepplanning_data import scripted_plan
 from helpers import make_tool_pair
-from test_deepplanning import scripted_plan
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATA = Path(REPO).parent / "shared" / "deepplanning" / "travel"

@@ -185,17 +185,62 @@ def test_sample_cuts_after_first_eos_and_positions_match_generate(pair):
         assert torch.allclose(logits, out.logits[j], atol=1e-4)
 
 
-def test_post_eos_and_padding_never_change_the_loss(pair):
+def test_post_eos_and_padding_never_change_the_loss(pair, monkeypatch):
+    """Rows as generate returns them, with other tokens and padding after the first EOS, go through
+    sample's cut and opd_step's collate and mask, in micro-batches padded differently (left: prompts
+    of three lengths; right: responses of three lengths). The loss and its gradient equal a
+    brute-force reference that runs each rollout alone, unpadded, up to its EOS, whatever follows
+    the EOS and whatever the pad id; and again when the post-EOS tokens stay in the responses with
+    mask 0 (the path an episode's tool answers take)."""
     tok, teacher, student = load_pair(pair)
-    rollouts = rollouts_for(tok, student)
-    cfg = _cfg(tok, micro_batch_size=2)
-    a = distill.opd_step(student, teacher, rollouts, cfg, torch.Generator().manual_seed(0),
-                         {})
-    cfg.pad_id = 7  # a different pad token: padding must be invisible
-    b = distill.opd_step(student, teacher, rollouts, cfg, torch.Generator().manual_seed(0),
-                         {})
-    assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
-    assert a["response_tokens"] == sum(len(r) for r in rollouts.responses)
+    records = loading.load_records(pair["data"])
+    prompts, _ = loading.encode_prompts(tok, [records[i] for i in (0, 7, 11)], "problem", 1024)
+    assert len({len(p) for p in prompts}) == 3
+    stops, width, gen = stop_ids(student, tok), 16, torch.Generator().manual_seed(0)
+
+    def tokens(n):  # n random ids that are not a stop id
+        ids = torch.randint(len(tok), (4 * n,), generator=gen).tolist()
+        return [t for t in ids if t not in stops][:n]
+    eos = tok.eos_token_id
+    cut = [tokens(3) + [eos], tokens(9) + [eos], tokens(width)]  # the last one hit the length limit
+
+    def rows(pad):  # what generate returns: `width` ids each, other tokens then pads after the EOS
+        return [(r + tokens(4) + [pad] * width)[:width] for r in cut]
+
+    def sampled(pad):
+        by_prompt = {tuple(p): row for p, row in zip(prompts, rows(pad))}
+        monkeypatch.setattr("rollouts.generate", lambda model, batch, config, pad_: [
+            by_prompt[tuple(p)] for p in batch])
+        return sample(student, tok, prompts, 1, width, batch_size=3)
+
+    losses = []  # the reference: each rollout alone, no padding, its response cut after the EOS
+    for p, r in zip(prompts, cut):
+        ids = torch.tensor([p + r])  # (1, len(p) + len(r))
+        zs = student(input_ids=ids).logits[0, len(p) - 1:-1]  # (len(r), V_s): predicts each of r
+        with torch.no_grad():
+            zt = teacher(input_ids=ids).logits[0, len(p) - 1:-1, :zs.shape[-1]]  # (len(r), V_s)
+        losses.append(tip.reverse_kl(zs, zt).sum())
+    n = sum(len(r) for r in cut)
+    student.zero_grad()
+    ref = torch.stack(losses).sum() / n
+    ref.backward()
+    ref_grads = [p.grad.clone() for p in student.parameters()]
+
+    cfg = _cfg(tok, micro_batch_size=2)  # micro-batches of 2 and 1 rollouts
+    first = sampled(pad_id(tok))
+    uncut = rows(pad_id(tok))
+    masked = type(first)(prompts=first.prompts, responses=uncut,
+                         masks=[[1] * len(r) + [0] * (width - len(r)) for r in cut])
+    for rollouts, pad in ((first, pad_id(tok)), (sampled(pad_id(tok)), 7), (masked, pad_id(tok))):
+        if rollouts is not masked:
+            assert rollouts.responses == cut  # nothing after the first EOS reaches collate
+        student.zero_grad()
+        cfg.pad_id = pad  # a different pad token: padding must be invisible
+        metrics = distill.opd_step(student, teacher, rollouts, cfg, torch.Generator().manual_seed(0), {})
+        assert metrics["loss"] == pytest.approx(ref.item(), rel=1e-5)
+        assert metrics["response_tokens"] == metrics["kept_tokens"] == n
+        for p, g in zip(student.parameters(), ref_grads):
+            assert torch.allclose(p.grad, g, atol=1e-6, rtol=1e-4)
 
 
 def run_cli(*args, cwd):
