@@ -150,10 +150,12 @@ def opd_step(student, teacher, rollouts, cfg, generator, times):
             p.grad.div_(n_kept)
     quads = torch.tensor([[all_reduce_sum(q) for q in row] for row in quads.tolist()])  # (2, 5)
     n, lengths = max(sums["n"], 1), [len(r) for r in rollouts.responses]
+    n_rollouts = max(all_reduce_sum(len(lengths)), 1)
     metrics = {"loss": sums["loss"] / n_kept, "entropy": sums["entropy"] / n,
                "reverse_kl": sums["reverse_kl"] / n, "kept_fraction": sums["kept"] / n,
                "response_tokens": int(sums["n"]), "kept_tokens": int(sums["kept"]),
-               "response_length": all_reduce_sum(sum(lengths)) / max(all_reduce_sum(len(lengths)), 1)}
+               "response_length": all_reduce_sum(sum(lengths)) / n_rollouts,
+               "truncated_share": all_reduce_sum(sum(rollouts.truncated or [])) / n_rollouts}
     for q in range(1, 5):
         metrics[f"q{q}_share"] = (quads[0, q] / quads[0].sum().clamp_min(1)).item()
         metrics[f"q{q}_kept_share"] = (quads[1, q] / quads[1].sum().clamp_min(1)).item()

@@ -37,6 +37,7 @@ class Rollouts:
     prompts: list    # token ids of the prompt of each rollout
     responses: list  # token ids after the prompt, cut after the first EOS (the EOS kept)
     masks: list = None  # per response token: 1 if the student generated it, 0 if not (None: all 1)
+    truncated: list = None  # per rollout: stopped by a length limit before its end (None: unknown)
 
 
 def stop_ids(model, tokenizer):
@@ -137,7 +138,8 @@ def sample(model, tokenizer, prompts, samples_per_prompt=1, max_new_tokens=256, 
         responses += [cut_at_stop(row, stops) for row in generate(model, flat[i:i + batch_size],
                                                                   config, pad)]
     model.train(was_training)
-    return Rollouts(prompts=flat, responses=responses)
+    return Rollouts(prompts=flat, responses=responses,  # no stop id at the end: cut at the cap
+                    truncated=[not r or r[-1] not in stops for r in responses])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -272,4 +274,4 @@ def take_turn(e, row, tokenizer, stops, call_tool, max_turns, max_total_tokens, 
 def as_rollouts(episodes):
     """The episodes as a Rollouts record: prompt, everything after it, and the generated mask."""
     return Rollouts(prompts=[e.prompt for e in episodes], responses=[e.response for e in episodes],
-                    masks=[e.mask for e in episodes])
+                    masks=[e.mask for e in episodes], truncated=[e.truncated for e in episodes])

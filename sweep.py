@@ -1,112 +1,272 @@
-"""The paper's table in miniature: the toy student distilled under every rule x keep, several seeds.
+"""The paper's table in miniature, with power: the toy student distilled under every rule x keep on
+the same seeds (paired), each run its own `python distill.py` process, two or more at a time.
 
-    python sweep.py                          # SWEEP x seeds 0,1,2, 60 steps each (see the README)
-    python sweep.py --steps 20 --seeds 0     # a quick look
-    python sweep.py --configs all@1,my-rule@0.5,entropy@0.5   # your own rule against the baselines
+    python sweep.py                          # SWEEP x seeds 0-4 at the first command's settings
+    python sweep.py --jobs 2                 # processes at once (default: one per CPU core)
+    python sweep.py --configs all@1,my-rule@0.2    # your rule against all tokens, same seeds
+    python sweep.py                          # again after a kill: finished runs are not run again
 
-Every run is `distill.train` on the toy pair (toy.py; built first if missing) with the toy's laptop
-settings (toy.DISTILL_DEFAULTS) except a gentler peak lr (LR: with 16 rollouts a step, 1e-3 first
-knocks the student down, then it recovers), fewer steps (STEPS) and 4 prompts per step, on the
-toy's thread count. Its score is the greedy held-out accuracy after the last step, overall and on each
-part of the held-out split (misconception / other), graded by evaluate.py; the runs at CURVE_KEEP
-and all@1 are also scored every --curve-every steps, for the misconception curves. Writes into
---output-dir: one distill.py run folder per (rule, keep, seed), results.json (every run),
-table.md (mean ± std over seeds), sweep.png and misconception_curves.png.
+Settings: the first command's (toy.DISTILL_DEFAULTS: lr 1e-3, 8 prompts x 4 rollouts, 150 steps),
+where all-token OPD takes the toy student from ~40% to ~90%, so the rules are compared after the
+student has learned, not while every run is still near its start.
 
-Runs go one after another in this one process, so the peak-RSS column only grows from run to run
-and says nothing about a rule: bench.py measures memory per configuration, each in a fresh process.
-Which of the paper's findings hold on the toy task is written up in the README.
+Each run is `python distill.py` with every setting written out, on one torch thread; the command
+is stored with the run's row, so any row can be re-run alone. A row (runs.jsonl) holds the
+held-out accuracy after the last step (greedy, 500 problems), overall and per part; the mean
+response length over the first and last LOOK steps and the share of rollouts cut at
+--max-new-tokens; an artifact flag; the toy's carry-token figures (toy/carry/..., every WINDOW
+steps) where the run logged them. A run is finished once its row is written: started again on the
+same folder with the same settings, the sweep runs only the rest.
+
+Statistics, per configuration and part, over seeds: the mean with a 95% t-interval, and the paired
+difference against all tokens on the same seeds with its 95% t-interval. A run whose response
+length collapsed or exploded is flagged, shown, and left out of both. verdicts() turns intervals
+into holds / fails / cannot tell for the paper's claims, as the README reports them.
+
+Writes into --output-dir: a folder per (rule, keep, seed) with the run and its log, sweep.json
+(the settings), runs.jsonl, table.md, verdicts.md, sweep.png and carry.png.
 """
 import argparse
+import concurrent.futures
 import json
+import math
 import os
+import shlex
+import shutil
 import statistics
+import subprocess
 import sys
+import threading
+import time
 
-import torch
+from scipy import stats as scipy_stats
 
-import distill
-import evaluate
 import selection
 import toy
 from loading import UsageError, check_writable
 
-LR = 5e-4
-STEPS = 60
-PROMPTS_PER_STEP = 4
-SWEEP = [("all", 1.0), ("entropy", 0.5), ("entropy", 0.2), ("entropy", 0.1), ("entropy-topk", 0.5),
-         ("entropy-topk", 0.2), ("soft-or", 0.5), ("soft-or", 0.2), ("soft-or", 0.1), ("q3", 0.2),
-         ("q3", 0.1), ("divergence", 0.2), ("divergence", 0.1), ("soft-or-bottom", 0.5),
-         ("random", 0.5)]
-CURVE_KEEP = 0.2  # runs at this keep (and all@1) are also scored every --curve-every steps
-CURVE_EVERY = 20
-PARTS = ("misconception", "other")  # the toy held-out split's parts (toy.make_item)
+SWEEP = [("all", 1.0), ("entropy", 0.5), ("entropy", 0.2), ("entropy", 0.1),
+         ("entropy-topk", 0.5), ("entropy-topk", 0.2), ("entropy-topk", 0.1), ("soft-or", 0.5),
+         ("soft-or", 0.2), ("soft-or", 0.1), ("q3", 0.2), ("q3", 0.1), ("divergence", 0.2),
+         ("divergence", 0.1), ("soft-or-bottom", 0.5), ("random", 0.5)]
+SEEDS = (0, 1, 2, 3, 4)
+BASELINE = ("all", 1.0)
+PARTS = ("accuracy", "misconception", "other")  # overall, then the toy held-out split's parts
+EVAL = "eval/toy/mean@1"
+LOOK = 10  # steps at each end of a run compared for the artifact flags
+COLLAPSED, EXPLODED, CUT = 0.5, 2.0, 0.25  # last/first length ratios; rise in the share cut
+MARGIN = 2.0  # points: "matches" means the paired difference's interval lies above -MARGIN
+WINDOW = 10  # the carry-token series are kept as means over windows of this many steps
+DISTILL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "distill.py")
 
 
-def run_args(teacher_dir, student_dir, rule, keep, seed, steps, output_dir, eval_every=None):
-    """distill.py's settings for one run of the sweep (validated as the CLI would)."""
-    args = distill.parse_args(["--teacher", teacher_dir, "--student", student_dir,
-                               "--dataset", toy.split_path("train"), "--rule", rule,
-                               "--keep", str(keep), "--steps", str(steps), "--seed", str(seed),
-                               "--eval-every", str(eval_every or steps), "--no-eval-before",
-                               "--eval-benchmarks", "toy", "--lr", str(LR),
-                               "--prompts-per-step", str(PROMPTS_PER_STEP),
-                               "--output-dir", os.path.join(output_dir, f"{rule}-{keep:g}-seed{seed}")])
-    distill.validate(args)
-    for name, value in distill.TOY_DEFAULTS.items():
-        if getattr(args, name) is None:
-            setattr(args, name, value)
-    args.toy = False  # evaluation follows --eval-every, not the toy's before/after default
-    return args
+# ---------------------------------------------------------------------------------------------
+# One run: its command, its row
+# ---------------------------------------------------------------------------------------------
+
+def run_folder(output_dir, rule, keep, seed):
+    return os.path.join(output_dir, f"{rule}-{keep:g}-seed{seed}")
 
 
-def summarize(runs, configs):
-    """Mean ± sample std of the accuracy over seeds, per (rule, keep), in percent."""
-    rows = []
-    for rule, keep in configs:
-        mine = [r for r in runs if (r["rule"], r["keep"]) == (rule, keep)]
-        acc = [100 * r["accuracy"] for r in mine]
-        spread = lambda xs: statistics.stdev(xs) if len(xs) > 1 else 0.0  # noqa: E731
-        parts = {part: [100 * r["parts"][part] for r in mine if part in r["parts"]] for part in PARTS}
-        rows.append({"rule": rule, "keep": keep, "accuracy": statistics.mean(acc), "std": spread(acc),
-                     **{f"{part}": statistics.mean(v) for part, v in parts.items() if v},
-                     **{f"{part}_std": spread(v) for part, v in parts.items() if v},
-                     "tokens_trained": statistics.mean(r["tokens_trained"] for r in mine),
-                     "peak_memory_gib": max(r["peak_memory_bytes"] for r in mine) / 2**30})
-    return rows
+def command(rule, keep, seed, folder, settings, pair=None, eval_every=None):
+    """distill.py's flags for one run, every setting written out (defaults may change later)."""
+    flags = ["--rule", rule, "--keep", f"{keep:g}", "--seed", str(seed)]
+    for name, value in settings.items():
+        flags += [f"--{name.replace('_', '-')}", str(value)]
+    for name, value in (pair or {}).items():  # an explicit pair (tests, forks); else the toy's
+        flags += [f"--{name}", value]
+    return flags + ["--eval-benchmarks", "toy", "--eval-every", str(eval_every or settings["steps"]),
+                    "--no-eval-before", "--output-dir", folder]
 
 
-def markdown(rows, start, steps, seeds):
-    part = lambda r, p: f"{r[p]:.1f} ± {r[p + '_std']:.1f}" if p in r else "-"  # noqa: E731
-    return (f"Toy student before distillation: {start['mean']:.1f}% held-out accuracy (greedy; "
-            + ", ".join(f"{p} {start[p]:.1f}%" for p in PARTS if p in start)
-            + f"); {steps} steps per run, seeds {', '.join(map(str, seeds))}.\n\n"
-            "| rule | keep | held-out accuracy % (mean ± std) | misconception % | other % "
-            "| tokens trained | peak RSS GiB * |\n"
-            "|---|---|---|---|---|---|---|\n" + "\n".join(
-                f"| {r['rule']} | {r['keep']:g} | {r['accuracy']:.1f} ± {r['std']:.1f} | "
-                f"{part(r, 'misconception')} | {part(r, 'other')} | "
-                f"{r['tokens_trained']:.0f} | {r['peak_memory_gib']:.2f} |" for r in rows)
-            + "\n\n* the peak RSS of the one process that runs every configuration in turn: it grows "
-            "from run to run, so it says nothing about the rule; bench.py measures memory per rule.")
+def windows(series):
+    """Means over consecutive WINDOW-step windows of a per-step series."""
+    return [statistics.fmean(series[i:i + WINDOW]) for i in range(0, len(series), WINDOW)]
 
 
-def plot_sweep(rows, start, path):
-    """Held-out accuracy per rule@keep (mean ± std over seeds), the starting student dashed."""
+def artifact(row):
+    """Why a run's numbers say more about its response lengths than its rule, or None."""
+    first, last = row["length_first"], row["length_last"]
+    if last < COLLAPSED * first:
+        return f"length collapsed ({first:.1f} -> {last:.1f} tokens)"
+    if last > EXPLODED * first or row["cut_last"] - row["cut_first"] > CUT:
+        return (f"length exploded ({first:.1f} -> {last:.1f} tokens, rollouts cut at the cap "
+                f"{100 * row['cut_first']:.0f}% -> {100 * row['cut_last']:.0f}%)")
+    return None
+
+
+def row_of(records, rule, keep, seed, cmd, seconds):
+    """The row of one finished run from its metrics.jsonl records (accuracies in percent)."""
+    steps = [r for r in records if "loss" in r]  # training steps, in order
+    evals = [r for r in records if EVAL in r]
+    mean = lambda rs, key: statistics.fmean(r[key] for r in rs)  # noqa: E731
+    score = lambda r: {p: 100 * r[EVAL if p == "accuracy" else f"{EVAL}/{p}"] for p in PARTS  # noqa: E731
+                       if (EVAL if p == "accuracy" else f"{EVAL}/{p}") in r}
+    row = {"rule": rule, "keep": keep, "seed": seed, **score(evals[-1]),
+           "length_first": mean(steps[:LOOK], "response_length"),
+           "length_last": mean(steps[-LOOK:], "response_length"),
+           "cut_first": mean(steps[:LOOK], "truncated_share"),
+           "cut_last": mean(steps[-LOOK:], "truncated_share"),
+           "tokens_trained": sum(r["kept_tokens"] for r in steps),
+           "curve": [{"step": r["step"], **score(r)} for r in evals],
+           "carry": {k: windows([r[k] for r in steps]) for k in steps[0] if k.startswith("toy/carry/")},
+           "seconds": round(seconds, 1), "command": cmd}
+    row["flag"] = artifact(row)
+    return row
+
+
+def read_rows(path):
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+# ---------------------------------------------------------------------------------------------
+# Statistics: t-intervals over seeds, paired differences on the same seeds
+# ---------------------------------------------------------------------------------------------
+
+def mean_ci(xs, level=0.95):
+    """(mean, half-width of the two-sided t-interval at `level`); the half-width is nan for n < 2."""
+    m = statistics.fmean(xs)
+    if len(xs) < 2:
+        return m, math.nan
+    t = scipy_stats.t.ppf((1 + level) / 2, len(xs) - 1)
+    return m, t * statistics.stdev(xs) / math.sqrt(len(xs))
+
+
+def by_seed(rows, config, part):
+    """{seed: value} of the unflagged runs of one (rule, keep)."""
+    return {r["seed"]: r[part] for r in rows
+            if (r["rule"], r["keep"]) == config and not r["flag"] and part in r}
+
+
+def paired(rows, a, b, part):
+    """Mean and 95% half-width of (a - b) over the seeds where both ran unflagged, and n."""
+    xa, xb = by_seed(rows, a, part), by_seed(rows, b, part)
+    diffs = [xa[s] - xb[s] for s in sorted(set(xa) & set(xb))]
+    return (*mean_ci(diffs), len(diffs)) if diffs else (math.nan, math.nan, 0)
+
+
+def summarize(rows, configs):
+    """One entry per configuration: per part the mean and half-width over seeds, and the paired
+    difference against all tokens; the flagged runs named."""
+    table = []
+    for config in configs:
+        mine = [r for r in rows if (r["rule"], r["keep"]) == config]
+        entry = {"rule": config[0], "keep": config[1], "n": sum(not r["flag"] for r in mine),
+                 "tokens_trained": statistics.fmean(r["tokens_trained"] for r in mine) if mine else 0,
+                 "flagged": [f"seed {r['seed']}: {r['flag']}" for r in mine if r["flag"]]}
+        for part in PARTS:
+            values = list(by_seed(rows, config, part).values())
+            entry[part] = mean_ci(values) if values else (math.nan, math.nan)
+            entry[f"{part}_vs_all"] = paired(rows, config, BASELINE, part)[:2]
+        table.append(entry)
+    return table
+
+
+def verdict(lo, hi, threshold=0.0):
+    """holds / fails / cannot tell for "the difference is above `threshold`", from its interval."""
+    if math.isnan(lo):
+        return "cannot tell"
+    return "holds" if lo > threshold else "fails" if hi < threshold else "cannot tell"
+
+
+def claim(rows, a, b, part, threshold=0.0):
+    """One comparison as text: 'a - b = m [lo, hi] (n seeds): verdict'."""
+    m, h, n = paired(rows, a, b, part)
+    name = f"{a[0]}@{a[1]:g} − {b[0]}@{b[1]:g} on {part}"
+    if n < 2:
+        return "cannot tell", f"{name}: {n} seed(s) where both ran unflagged"
+    return verdict(m - h, m + h, threshold), f"{name}: {m:+.1f} [{m - h:+.1f}, {m + h:+.1f}] ({n} seeds)"
+
+
+def verdicts(rows, configs):
+    """The paper's claims (a)-(f) against this sweep: {letter: (claim, verdict, [(verdict,
+    numbers)])}. Each claim is a conjunction of its comparisons: it holds when every one holds,
+    fails when any one fails, and cannot be told otherwise. (e), memory, is bench.py's."""
+    have = set(configs)
+    keeps = lambda a, b, ks: [((a, k), (b, k)) for k in ks if (a, k) in have and (b, k) in have]  # noqa: E731
+    checks = {
+        "a": (f"entropy at 50% matches all tokens (within {MARGIN:g} points)",
+              [claim(rows, ("entropy", 0.5), BASELINE, "accuracy", -MARGIN)]),
+        "b": ("soft-or beats entropy at equal keep",
+              [claim(rows, a, b, "accuracy") for a, b in keeps("soft-or", "entropy", (0.5, 0.2, 0.1))]),
+        "c": (f"q3 at 10% matches all tokens (within {MARGIN:g} points)",
+              [claim(rows, ("q3", 0.1), BASELINE, "accuracy", -MARGIN)]),
+        "d": ("soft-or-bottom at 50% is the worst rule",
+              [claim(rows, c, ("soft-or-bottom", 0.5), "accuracy") for c in configs
+               if c != ("soft-or-bottom", 0.5)]),
+        "f": ("rules that see the divergence fix the misconception more than entropy-only rules "
+              "at equal keep", [claim(rows, a, b, "misconception") for r in ("soft-or", "q3", "divergence")
+                                for a, b in keeps(r, "entropy", (0.5, 0.2, 0.1))]),
+    }
+    out = {}
+    for letter, (text, results) in checks.items():
+        found = [v for v, _ in results]
+        overall = ("not in this sweep" if not found else "fails" if "fails" in found
+                   else "holds" if set(found) == {"holds"} else "cannot tell")
+        out[letter] = (text, overall, results)
+    return out
+
+
+def resolution(table):
+    """The median half-width of the paired differences against all tokens, overall accuracy: a
+    difference of this size is about the smallest this sweep tells from zero."""
+    widths = [e["accuracy_vs_all"][1] for e in table
+              if (e["rule"], e["keep"]) != BASELINE and not math.isnan(e["accuracy_vs_all"][1])]
+    return statistics.median(widths) if widths else math.nan
+
+
+# ---------------------------------------------------------------------------------------------
+# Reports: table.md, verdicts.md, sweep.png, carry.png
+# ---------------------------------------------------------------------------------------------
+
+def markdown(table, start, settings, seeds):
+    cell = lambda m_h: "-" if math.isnan(m_h[0]) else f"{m_h[0]:.1f} ± {m_h[1]:.1f}"  # noqa: E731
+    diff = lambda m_h: "-" if math.isnan(m_h[0]) else f"{m_h[0]:+.1f} ± {m_h[1]:.1f}"  # noqa: E731
+    head = (f"Student before: {start['accuracy']:.1f}% held-out (misconception "
+            f"{start.get('misconception', math.nan):.1f}%, other {start.get('other', math.nan):.1f}%); "
+            f"{settings['steps']} steps, lr {settings['lr']:g}, {settings['prompts_per_step']} × "
+            f"{settings['samples_per_prompt']} rollouts; seeds {', '.join(map(str, seeds))} "
+            "(paired). Mean ± 95% t-interval over seeds; Δ = paired difference against all tokens "
+            "on the same seeds, ± its 95% t-interval; flagged runs are left out.\n\n")
+    cols = " | ".join(f"{p} % | Δ {p}" for p in PARTS)
+    lines = [f"| rule | keep | n | {cols} | tokens trained | flagged |",
+             "|---|---|---|" + "---|---|" * len(PARTS) + "---|---|"]
+    for e in table:
+        parts = " | ".join(f"{cell(e[p])} | {diff(e[p + '_vs_all'])}" for p in PARTS)
+        lines.append(f"| {e['rule']} | {e['keep']:g} | {e['n']} | {parts} | "
+                     f"{e['tokens_trained']:.0f} | {'; '.join(e['flagged']) or '-'} |")
+    return head + "\n".join(lines)
+
+
+def verdicts_markdown(found, table):
+    lines = [f"Resolution: a paired difference of about {resolution(table):.1f} points "
+             "(the median 95% half-width against all tokens) is the smallest this sweep tells from "
+             "zero.\n"]
+    for letter, (text, overall, results) in found.items():
+        lines.append(f"- ({letter}) {text}: **{overall}**")
+        lines += [f"  - {numbers}: {v}" for v, numbers in results]
+    return "\n".join(lines)
+
+
+def plot_sweep(table, start, path):
+    """Overall accuracy per rule@keep (mean ± 95% half-width), misconception part as dots."""
     import matplotlib
     matplotlib.use("Agg")  # headless
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(10, 4.5), dpi=100)
-    labels, x = [f"{r['rule']}@{r['keep']:g}" for r in rows], range(len(rows))
-    bars = ax.bar(x, [r["accuracy"] for r in rows], yerr=[r["std"] for r in rows],
-                  color=["0.3" if r["rule"] == "all" else "tab:blue" for r in rows], capsize=3,
-                  label="all held-out problems")
-    if all("misconception" in r for r in rows):  # the toy's misconception part, as dots
-        ax.errorbar(x, [r["misconception"] for r in rows], [r["misconception_std"] for r in rows],
-                    fmt="o", color="tab:orange", capsize=2, label="misconception part")
-    ax.axhline(start["mean"], color="tab:red", ls="--", label=f"student before: {start['mean']:.1f}%")
+    labels, x = [f"{e['rule']}@{e['keep']:g}" for e in table], range(len(table))
+    bars = ax.bar(x, [e["accuracy"][0] for e in table], yerr=[e["accuracy"][1] for e in table],
+                  color=["0.3" if (e["rule"], e["keep"]) == BASELINE else "tab:blue" for e in table],
+                  capsize=3, label="all held-out problems")
+    ax.errorbar(x, [e["misconception"][0] for e in table], [e["misconception"][1] for e in table],
+                fmt="o", color="tab:orange", capsize=2, label="misconception part")
+    ax.axhline(start["accuracy"], color="tab:red", ls="--",
+               label=f"student before: {start['accuracy']:.1f}%")
     ax.set_xticks(x, labels, rotation=45, ha="right")
-    ax.set_ylabel("held-out accuracy % (greedy)")
+    ax.set_ylabel("held-out accuracy % (greedy; 95% CI)")
     ax.set_ylim(0, 110)  # room above the bars for the legend
     ax.legend(loc="upper right", ncol=3, fontsize=8)
     fig.tight_layout()
@@ -115,78 +275,126 @@ def plot_sweep(rows, start, path):
     return {label: bar.get_height() for label, bar in zip(labels, bars)}  # what was drawn
 
 
-def plot_curves(runs, start, keep, path):
-    """Misconception-part accuracy against steps, mean over seeds: one line per rule at `keep`
-    (and all tokens), from the runs scored every CURVE_EVERY steps."""
+def plot_carry(rows, configs, path, keys=("toy/carry/q3_share", "toy/carry/kept_share")):
+    """The planted carry tokens over training, mean over unflagged seeds, one line per rule: the
+    share of them in Q3 and the share the rule kept (verdict (f)). Returns what was drawn."""
     import matplotlib
     matplotlib.use("Agg")  # headless
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=100)
-    for rule, k in dict.fromkeys((r["rule"], r["keep"]) for r in runs if len(r["curve"]) > 1):
-        if k not in (keep, 1.0):
-            continue
-        curves = [r["curve"] for r in runs if (r["rule"], r["keep"]) == (rule, k)]
-        steps = [0] + [c["step"] for c in curves[0]]
-        mean = [start["misconception"]] + [statistics.mean(100 * c[i]["misconception"] for c in curves)
-                                           for i in range(len(curves[0]))]
-        entropy_only = rule.startswith("entropy")  # blind to Q3: dashed
-        ax.plot(steps, mean, "o--" if entropy_only else "o-", color="0.3" if rule == "all" else None,
-                label=f"{rule}@{k:g}" + (" (entropy only)" if entropy_only else ""))
-    ax.set_xlabel("distillation step")
-    ax.set_ylabel("misconception-part accuracy % (greedy)")
-    ax.set_ylim(0, 100)
-    ax.legend(fontsize=8)
+    fig, axes = plt.subplots(1, len(keys), figsize=(6 * len(keys), 4.5), dpi=100, squeeze=False)
+    drawn = {}
+    for ax, key in zip(axes[0], keys):
+        for config in configs:
+            series = [r["carry"][key] for r in rows if (r["rule"], r["keep"]) == config
+                      and not r["flag"] and key in r.get("carry", {})]
+            if not series:
+                continue
+            mean = [statistics.fmean(s[i] for s in series) for i in range(min(map(len, series)))]
+            drawn[(key, config)] = mean
+            ax.plot([WINDOW * (i + 1) for i in range(len(mean))], mean,
+                    "--" if config[0].startswith("entropy") else "-",
+                    color="0.3" if config == BASELINE else None, label=f"{config[0]}@{config[1]:g}")
+        ax.set_xlabel(f"distillation step (means over {WINDOW}-step windows)")
+        ax.set_ylabel(key.split("/")[-1].replace("_", " ") + " of the carry tokens")
+        ax.set_ylim(0, 1)
+    axes[0][-1].legend(fontsize=7, ncol=2)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+    return drawn
 
 
-def scores(record):
-    """{"mean", part...} in [0, 1] from one metrics record's toy evaluation."""
-    key = "eval/toy/mean@1"
-    return {"mean": record[key], **{p: record[f"{key}/{p}"] for p in PARTS if f"{key}/{p}" in record}}
+# ---------------------------------------------------------------------------------------------
+# The sweep: plan, resume, run in parallel, report
+# ---------------------------------------------------------------------------------------------
 
-
-def sweep(teacher_dir, student_dir, output_dir, steps=STEPS, seeds=(0, 1, 2), configs=SWEEP,
-          curve_every=CURVE_EVERY):
-    """Distil the toy student under each (rule, keep) of `configs` for each seed; write
-    results.json, table.md, sweep.png and misconception_curves.png into output_dir. Returns the
-    table rows."""
-    plan = [(rule, keep, seed) for rule, keep in configs for seed in seeds]
-    # every run's settings are checked before the first one starts, not 20 minutes in
-    plan = [(rule, keep, seed, run_args(teacher_dir, student_dir, rule, keep, seed, steps, output_dir,
-                                        curve_every if keep in (CURVE_KEEP, 1.0) else None))
-            for rule, keep, seed in plan]
+def start_scores(student_dir):
+    """The student's held-out accuracy before distillation, overall and per part, in percent."""
+    import evaluate
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    tokenizer = AutoTokenizer.from_pretrained(student_dir)
     summary = evaluate.evaluate_benchmark(AutoModelForCausalLM.from_pretrained(student_dir),
-                                          tokenizer, "toy",
+                                          AutoTokenizer.from_pretrained(student_dir), "toy",
                                           max_new_tokens=toy.DISTILL_DEFAULTS["max_new_tokens"])
-    start = {k[5:] if k.startswith("mean/") else k: 100 * v for k, v in summary.items()
-             if k == "mean" or k.startswith("mean/")}  # percent
-    runs = []
-    for rule, keep, seed, args in plan:
-        _, _, history = distill.train(args)
-        curve = [{"step": r["step"], **scores(r)} for r in history if "eval/toy/mean@1" in r]
-        runs.append({"rule": rule, "keep": keep, "seed": seed, "accuracy": curve[-1]["mean"],
-                     "parts": {p: curve[-1][p] for p in PARTS if p in curve[-1]}, "curve": curve,
-                     "tokens_trained": sum(r["kept_tokens"] for r in history if "kept_tokens" in r),
-                     "peak_memory_bytes": max(r["peak_memory_bytes"] for r in history
-                                              if "peak_memory_bytes" in r)})
-        print(f"sweep: {rule}@{keep:g} seed {seed}: {100 * runs[-1]['accuracy']:.1f}% "
-              + " ".join(f"{p} {100 * v:.1f}%" for p, v in runs[-1]["parts"].items()), flush=True)
-    rows = summarize(runs, configs)
-    table = markdown(rows, start, steps, seeds)
-    with open(os.path.join(output_dir, "results.json"), "w") as f:
-        json.dump({"start": start, "steps": steps, "seeds": list(seeds), "runs": runs, "rows": rows},
-                  f, indent=1)
+    return {"accuracy": 100 * summary["mean"],
+            **{k[5:]: 100 * v for k, v in summary.items() if k.startswith("mean/")}}
+
+
+def run_all(output_dir, plan, settings, pair, jobs, curve_every):
+    """Run the plan's missing runs, `jobs` processes at a time; append each row as it finishes."""
+    rows_path, lock, failed = os.path.join(output_dir, "runs.jsonl"), threading.Lock(), []
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # one thread a run, as the toy pins its own
+
+    def one(rule, keep, seed):
+        folder = run_folder(output_dir, rule, keep, seed)
+        shutil.rmtree(folder, ignore_errors=True)  # what a killed run left: start it afresh
+        os.makedirs(folder)
+        flags = command(rule, keep, seed, folder, settings, pair, curve_every)
+        t0 = time.time()
+        with open(os.path.join(folder, "log.txt"), "w") as log:
+            code = subprocess.run([sys.executable, DISTILL, *flags], stdout=log,
+                                  stderr=subprocess.STDOUT, env=env).returncode
+        if code:
+            failed.append(f"{rule}@{keep:g} seed {seed} (exit {code}, {folder}/log.txt)")
+            return
+        records = read_rows(os.path.join(folder, "metrics.jsonl"))
+        row = row_of(records, rule, keep, seed, "OMP_NUM_THREADS=1 " + shlex.join(
+            ["python", "distill.py", *flags]), time.time() - t0)
+        with lock:  # one writer at a time; a row is one line, written whole
+            with open(rows_path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+            print(f"sweep: {rule}@{keep:g} seed {seed}: {row['accuracy']:.1f}% ("
+                  + ", ".join(f"{p} {row[p]:.1f}%" for p in PARTS[1:] if p in row)
+                  + f") in {row['seconds']:.0f}s" + (f" FLAGGED: {row['flag']}" if row["flag"] else ""),
+                  flush=True)
+
+    with concurrent.futures.ThreadPoolExecutor(jobs) as pool:
+        for future in [pool.submit(one, *p) for p in plan]:
+            future.result()
+    return failed
+
+
+def sweep(output_dir, configs=SWEEP, seeds=SEEDS, settings=None, jobs=None, pair=None,
+          curve_every=None):
+    """Distil the toy student under each (rule, keep) for each seed (resuming a sweep already in
+    output_dir), then write the reports. Returns (rows, table, verdicts)."""
+    settings = settings or dict(toy.DISTILL_DEFAULTS)
+    jobs = jobs or os.cpu_count() or 1
+    meta = {"configs": [list(c) for c in configs], "seeds": list(seeds), "settings": settings,
+            "pair": pair, "curve_every": curve_every}
+    meta_path = os.path.join(output_dir, "sweep.json")
+    if os.path.exists(meta_path):
+        with open(meta_path) as f:
+            if json.load(f) != meta:
+                raise UsageError(f"--output-dir {output_dir!r} holds a sweep with other settings "
+                                 "(its sweep.json): choose another folder, or the same settings "
+                                 "to resume it")
+    os.makedirs(output_dir, exist_ok=True)
+    with open(meta_path, "w") as f:
+        json.dump(meta, f, indent=1)
+    rows_path, t0 = os.path.join(output_dir, "runs.jsonl"), time.time()
+    done = {(r["rule"], r["keep"], r["seed"]) for r in read_rows(rows_path)}
+    plan = [(rule, keep, seed) for rule, keep in configs for seed in seeds
+            if (rule, keep, seed) not in done]
+    print(f"sweep: {len(configs) * len(seeds)} runs, {len(done)} already finished, {len(plan)} to "
+          f"run, {jobs} at a time", flush=True)
+    failed = run_all(output_dir, plan, settings, pair, jobs, curve_every)
+    if failed:
+        raise RuntimeError(f"{len(failed)} run(s) failed: {'; '.join(failed)}; run the sweep "
+                           "again to retry them (finished runs are kept)")
+    rows = read_rows(rows_path)
+    start = start_scores(pair["student"] if pair else toy.build()[1])
+    table, found = summarize(rows, configs), verdicts(rows, configs)
     with open(os.path.join(output_dir, "table.md"), "w") as f:
-        f.write(table + "\n")
-    plot_sweep(rows, start, os.path.join(output_dir, "sweep.png"))
-    if "misconception" in start:
-        plot_curves(runs, start, CURVE_KEEP, os.path.join(output_dir, "misconception_curves.png"))
-    print(table)
-    return rows
+        f.write(markdown(table, start, settings, seeds) + "\n")
+    with open(os.path.join(output_dir, "verdicts.md"), "w") as f:
+        f.write(verdicts_markdown(found, table) + "\n")
+    plot_sweep(table, start, os.path.join(output_dir, "sweep.png"))
+    if any(r.get("carry") for r in rows):
+        plot_carry(rows, configs, os.path.join(output_dir, "carry.png"))
+    print(markdown(table, start, settings, seeds) + "\n\n" + verdicts_markdown(found, table))
+    print(f"sweep: {len(plan)} runs in {(time.time() - t0) / 60:.1f} min on {jobs} processes; "
+          f"{len(rows)} rows in {rows_path}")
+    return rows, table, found
 
 
 def parse_configs(text):
@@ -204,41 +412,58 @@ def parse_configs(text):
         if not 0.0 < keep <= 1.0:
             raise UsageError(f"--configs: keep must be in (0, 1], got {item!r}")
         configs.append((rule, keep))
+    if BASELINE not in configs:  # every difference is taken against it
+        configs.insert(0, BASELINE)
     return configs
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(prog="sweep.py", description="The paper's table in miniature: the "
-                                "toy student distilled under every rule x keep, several seeds.")
-    p.add_argument("--steps", type=int, default=STEPS, help="optimizer steps per run")
-    p.add_argument("--seeds", default="0,1,2", help="comma-separated distillation seeds")
-    p.add_argument("--configs", help="comma-separated RULE@KEEP (default: the paper's SWEEP)")
-    p.add_argument("--curve-every", type=int, default=CURVE_EVERY, help="score the runs at keep "
-                   f"{CURVE_KEEP} and all@1 every N steps (the misconception curves)")
-    p.add_argument("--output-dir", default="sweep", help="where the runs and the table go")
+                                "toy student distilled under every rule x keep on paired seeds.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--configs", default=",".join(f"{r}@{k:g}" for r, k in SWEEP),
+                   help="comma-separated RULE@KEEP (all@1 is always added: the baseline)")
+    p.add_argument("--seeds", default=",".join(map(str, SEEDS)), help="comma-separated seeds, "
+                   "the same for every configuration")
+    p.add_argument("--steps", type=int, default=toy.DISTILL_DEFAULTS["steps"], help="steps per run")
+    p.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="runs at once")
+    p.add_argument("--curve-every", type=int, default=50, help="evaluate every N steps too")
+    p.add_argument("--teacher", help="an explicit pair instead of the toy's (with --student, "
+                   "--dataset); its held-out split is the toy cache's")
+    p.add_argument("--student")
+    p.add_argument("--dataset")
+    p.add_argument("--output-dir", default="sweep", help="where the runs and reports go; a sweep "
+                   "already there with the same settings is resumed")
     args = p.parse_args(argv)
     try:
         try:
             seeds = [int(x) for x in args.seeds.split(",")]
         except ValueError:
             raise UsageError(f"--seeds must be comma-separated integers, got {args.seeds!r}") from None
-        if args.steps < 1 or args.curve_every < 1:
-            raise UsageError("--steps and --curve-every must be at least 1")
-        configs = parse_configs(args.configs) if args.configs else SWEEP
+        if min(args.steps, args.jobs, args.curve_every) < 1:
+            raise UsageError("--steps, --jobs and --curve-every must be at least 1")
+        if args.steps < LOOK:
+            raise UsageError(f"--steps must be at least {LOOK} (the artifact flags compare the "
+                             f"first and last {LOOK} steps)")
+        configs = parse_configs(args.configs)
+        pair = {k: getattr(args, k) for k in ("teacher", "student", "dataset")}
+        if any(pair.values()) and not all(pair.values()):
+            raise UsageError("give --teacher, --student and --dataset together, or none (the toy pair)")
         check_writable(args.output_dir)
-        if os.path.exists(os.path.join(args.output_dir, "results.json")):
-            raise UsageError(f"--output-dir {args.output_dir!r} already holds a sweep: choose "
-                             "another folder")
-        try:
-            teacher_dir, student_dir = toy.build()
-        except (FileExistsError, PermissionError, NotADirectoryError) as e:
-            raise UsageError(f"cannot build the toy pair: {e}") from None
-        os.makedirs(args.output_dir, exist_ok=True)
-        torch.set_num_threads(toy.SETTINGS["threads"])  # as `python distill.py` on the toy pair
-        sweep(teacher_dir, student_dir, args.output_dir, args.steps, seeds, configs, args.curve_every)
+        if not any(pair.values()):
+            try:
+                toy.build()
+            except (FileExistsError, PermissionError, NotADirectoryError) as e:
+                raise UsageError(f"cannot build the toy pair: {e}") from None
+        settings = {**toy.DISTILL_DEFAULTS, "steps": args.steps}
+        sweep(args.output_dir, configs, seeds, settings, args.jobs,
+              pair if any(pair.values()) else None, args.curve_every)
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except RuntimeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -1,13 +1,16 @@
-"""sweep.py on the tiny `quick` toy build: every run trains and is scored, the table is the mean and
-std of the runs, and bad settings are refused before any run starts."""
+"""sweep.py: the interval and paired-difference arithmetic against hand-computed values, the
+verdicts and artifact flags they feed, and real sweeps on the tiny `quick` toy build: every run is
+a `python distill.py` process whose row matches its own metrics, a killed sweep resumes without
+re-running finished rows, bad settings are refused before anything runs."""
 import json
+import math
 import os
-import statistics
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
-import torch
 
 import sweep
 import toy
@@ -15,96 +18,148 @@ import toy
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def row(rule, keep, seed, acc, mis=0.0, other=0.0, flag=None):
+    return {"rule": rule, "keep": keep, "seed": seed, "accuracy": acc, "misconception": mis,
+            "other": other, "flag": flag, "tokens_trained": 100}
+
+
+def test_mean_ci_is_the_t_interval_by_hand():
+    # 1..5: mean 3, sample sd sqrt(2.5) = 1.58114, t(0.975, 4 dof) = 2.77645 (a t table)
+    m, h = sweep.mean_ci([1.0, 2.0, 3.0, 4.0, 5.0])
+    assert m == 3.0 and h == pytest.approx(2.77645 * 1.58114 / math.sqrt(5), rel=1e-5)
+    assert h == pytest.approx(1.96324, rel=1e-5)
+    m, h = sweep.mean_ci([7.0])
+    assert m == 7.0 and math.isnan(h)
+
+
+def test_paired_difference_uses_the_same_seeds_and_skips_flagged_runs():
+    rows = [row("all", 1.0, s, a) for s, a in [(0, 40.0), (1, 50.0), (2, 45.0), (3, 10.0)]]
+    rows += [row("q3", 0.1, s, a) for s, a in [(0, 41.0), (1, 53.0), (2, 47.0)]]  # no seed 3
+    rows += [row("q3", 0.1, 4, 99.0)]  # a seed the baseline lacks: unpaired, left out
+    rows += [row("all", 1.0, 5, 0.0, flag="length collapsed"), row("q3", 0.1, 5, 90.0)]
+    m, h, n = sweep.paired(rows, ("q3", 0.1), ("all", 1.0), "accuracy")
+    # differences 1, 3, 2: mean 2, sd 1, t(0.975, 2 dof) = 4.30265
+    assert n == 3 and m == pytest.approx(2.0) and h == pytest.approx(4.30265 / math.sqrt(3), rel=1e-5)
+    entry = sweep.summarize(rows, [("all", 1.0), ("q3", 0.1)])[1]
+    assert entry["n"] == 5 and entry["accuracy_vs_all"] == pytest.approx((m, h))
+    assert entry["accuracy"][0] == pytest.approx((41 + 53 + 47 + 99 + 90) / 5)
+    flagged = sweep.summarize(rows, [("all", 1.0)])[0]
+    assert flagged["n"] == 4 and flagged["flagged"] == ["seed 5: length collapsed"]
+
+
+def test_verdicts_follow_the_intervals():
+    assert sweep.verdict(0.5, 3.0) == "holds" and sweep.verdict(-3.0, -0.5) == "fails"
+    assert sweep.verdict(-1.0, 2.0) == "cannot tell"
+    assert sweep.verdict(-1.5, 1.0, threshold=-2.0) == "holds"  # within the margin
+    seeds = range(5)
+    rows = [row("all", 1.0, s, 50.0 + s) for s in seeds]
+    rows += [row("entropy", 0.5, s, 50.0 + s + 0.1 * (s % 2)) for s in seeds]  # equal: matches
+    rows += [row("soft-or", 0.5, s, 55.0 + s + 0.2 * (s % 2)) for s in seeds]  # clearly better
+    rows += [row("soft-or-bottom", 0.5, s, 1.0 + s * 0.1) for s in seeds]  # clearly worst
+    rows += [row("q3", 0.1, s, 50.0 + (10 if s % 2 else -10)) for s in seeds]  # too noisy
+    configs = [("all", 1.0), ("entropy", 0.5), ("soft-or", 0.5), ("soft-or-bottom", 0.5), ("q3", 0.1)]
+    found = sweep.verdicts(rows, configs)
+    assert found["a"][1] == "holds" and found["b"][1] == "holds" and found["d"][1] == "holds"
+    assert found["c"][1] == "cannot tell"
+    assert len(found["b"][2]) == 1 and "soft-or@0.5 − entropy@0.5 on accuracy: +5.0 [+5.0, +5.1] (5 seeds)" == found["b"][2][0][1]
+    rows += [row("divergence", 0.2, s, 0.5) for s in seeds]  # below soft-or-bottom: (d) fails
+    assert sweep.verdicts(rows, configs + [("divergence", 0.2)])["d"][1] == "fails"
+
+
+def records(lengths, cut):
+    return [{"step": i + 1, "loss": 0.1, "response_length": n, "truncated_share": c,
+             "kept_tokens": 10} for i, (n, c) in enumerate(zip(lengths, cut))] + [
+        {"step": len(lengths), sweep.EVAL: 0.5, f"{sweep.EVAL}/misconception": 0.25,
+         f"{sweep.EVAL}/other": 0.75}]
+
+
+@pytest.mark.parametrize("lengths, cut, flag", [
+    ([40] * 30, [0.0] * 30, None),
+    ([40] * 20 + [15] * 10, [0.0] * 30, "length collapsed (40.0 -> 15.0 tokens)"),
+    ([20] * 20 + [45] * 10, [0.0] * 30, "length exploded (20.0 -> 45.0 tokens, rollouts cut at the cap 0% -> 0%)"),
+    ([40] * 30, [0.0] * 20 + [0.5] * 10, "length exploded (40.0 -> 40.0 tokens, rollouts cut at the cap 0% -> 50%)"),
+    ([40] * 30, [0.5] * 30, None),  # cut as often at the end as at the start: the student's own
+])
+def test_artifact_flags(lengths, cut, flag):
+    r = sweep.row_of(records(lengths, cut), "all", 1.0, 0, "cmd", 1.0)
+    assert r["flag"] == flag
+    assert (r["accuracy"], r["misconception"], r["other"]) == (50.0, 25.0, 75.0)
+    assert r["tokens_trained"] == 10 * len(lengths)
+
+
+SETTINGS = {**toy.DISTILL_DEFAULTS, "steps": 10, "prompts_per_step": 2, "samples_per_prompt": 2,
+            "generation_batch_size": 8}
+
+
 @pytest.fixture(scope="module")
-def result(tmp_path_factory):
+def quick(tmp_path_factory):
     cache = str(tmp_path_factory.mktemp("toy"))
     teacher, student = toy.build(cache, seed=0, quick=True)
+    return cache, {"teacher": teacher, "student": student, "dataset": toy.split_path("train", cache)}
+
+
+@pytest.fixture(scope="module")
+def result(quick, tmp_path_factory):
+    cache, pair = quick
     out = tmp_path_factory.mktemp("sweep")
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("TIP_TOY_CACHE", cache)  # the train and held-out splits of this build
-        rows = sweep.sweep(teacher, student, str(out), steps=2, seeds=[0, 1],
-                           configs=[("all", 1.0), ("soft-or", 0.5)], curve_every=1)
-    return rows, out
+        mp.setenv("TIP_TOY_CACHE", cache)  # the held-out split of this build
+        found = sweep.sweep(str(out), [("all", 1.0), ("soft-or", 0.5)], [0, 1], SETTINGS, jobs=2,
+                            pair=pair, curve_every=5)
+    return found, out
 
 
-def test_sweep_scores_every_run_and_summarises_over_seeds(result):
-    rows, out = result
-    saved = json.load(open(out / "results.json"))
-    assert [(r["rule"], r["keep"], r["seed"]) for r in saved["runs"]] == [
+def test_every_row_is_its_runs_metrics_and_the_table_their_statistics(result):
+    (rows, table, _), out = result
+    assert sorted((r["rule"], r["keep"], r["seed"]) for r in rows) == [
         ("all", 1.0, 0), ("all", 1.0, 1), ("soft-or", 0.5, 0), ("soft-or", 0.5, 1)]
-    for rule, keep in [("all", 1.0), ("soft-or", 0.5)]:
-        runs = [r for r in saved["runs"] if (r["rule"], r["keep"]) == (rule, keep)]
-        row = next(r for r in rows if (r["rule"], r["keep"]) == (rule, keep))
-        acc = [100 * r["accuracy"] for r in runs]
-        assert row["accuracy"] == pytest.approx(statistics.mean(acc))
-        assert row["std"] == pytest.approx(statistics.stdev(acc))
-        for r in runs:  # each run folder holds its own 2 steps and the final score, overall and by part
-            records = [json.loads(line) for line in open(out / f"{rule}-{keep:g}-seed{r['seed']}" / "metrics.jsonl")]
-            assert [rec["step"] for rec in records] == [1, 2]
-            assert records[-1]["eval/toy/mean@1"] == r["accuracy"]
-            assert r["parts"] == {part: records[-1][f"eval/toy/mean@1/{part}"] for part in sweep.PARTS}
-            assert r["parts"] == {part: r["curve"][-1][part] for part in sweep.PARTS}
-            assert r["tokens_trained"] == sum(rec["kept_tokens"] for rec in records)
-        for part in sweep.PARTS:  # this row's per-part columns: the mean and std of its runs' parts
-            assert row[part] == pytest.approx(statistics.mean(100 * r["parts"][part] for r in runs))
-            assert row[f"{part}_std"] == pytest.approx(statistics.stdev(100 * r["parts"][part] for r in runs))
-        assert (f"| {rule} | {keep:g} | {row['accuracy']:.1f} ± {row['std']:.1f} | "
-                + " | ".join(f"{row[part]:.1f} ± {row[part + '_std']:.1f}" for part in sweep.PARTS)
-                + " |") in open(out / "table.md").read()
-    assert saved["rows"] == rows
-    # step 1 of the same seed samples the same rollouts under both rules; soft-or keeps about half
-    first = lambda rule, seed: json.loads(open(out / f"{rule}-seed{seed}" / "metrics.jsonl").readline())  # noqa: E731
-    for seed in (0, 1):
-        a, s = first("all-1", seed), first("soft-or-0.5", seed)
-        assert a["response_tokens"] == s["response_tokens"] == a["kept_tokens"]
-        assert s["kept_tokens"] < a["kept_tokens"]
-    saved_runs = {(r["rule"], r["seed"]): r for r in saved["runs"]}
-    # all@1 is scored every curve_every=1 step (the curves), soft-or@0.5 only at the end
-    assert [c["step"] for c in saved_runs[("all", 0)]["curve"]] == [1, 2]
-    assert [c["step"] for c in saved_runs[("soft-or", 0)]["curve"]] == [2]
-    assert set(saved["start"]) == {"mean", *sweep.PARTS}  # the student before, overall and by part
-    table = open(out / "table.md").read()
-    assert "| soft-or | 0.5 |" in table and "seeds 0, 1" in table and "misconception %" in table
-    drawn = sweep.plot_sweep(rows, {"mean": 50.0}, out / "again.png")
-    assert drawn == {f"{r['rule']}@{r['keep']:g}": r["accuracy"] for r in rows}
-    assert (out / "sweep.png").is_file() and (out / "misconception_curves.png").is_file()
-
-
-def test_every_summary_row_is_the_mean_and_std_of_its_own_runs():
-    """The tiny build scores 0% everywhere, so the sweep above cannot tell one row's runs from
-    another's: here every run has its own figures, and every column of every row is checked."""
-    gen = torch.Generator().manual_seed(0)
-    configs = [("all", 1.0), ("soft-or", 0.5), ("q3", 0.2), ("entropy", 0.5)]
-    runs = []
-    for rule, keep in configs:
-        for seed in range(3):
-            u = torch.rand(5, generator=gen).tolist()  # accuracy, two parts, tokens, memory
-            parts = {} if rule == "entropy" else dict(zip(sweep.PARTS, u[1:3]))  # no part scores
-            runs.append({"rule": rule, "keep": keep, "seed": seed, "accuracy": u[0], "parts": parts,
-                         "tokens_trained": int(1000 * u[3]), "peak_memory_bytes": int(2**30 * u[4])})
-    rows = sweep.summarize(runs, configs)
-    assert [(r["rule"], r["keep"]) for r in rows] == configs
-    table = sweep.markdown(rows, {"mean": 1.0}, steps=2, seeds=[0, 1, 2])
-    for row, (rule, keep) in zip(rows, configs):
-        mine = [r for r in runs if (r["rule"], r["keep"]) == (rule, keep)]
-        acc = [100 * r["accuracy"] for r in mine]
-        assert row["accuracy"] == pytest.approx(statistics.mean(acc))
-        assert row["std"] == pytest.approx(statistics.stdev(acc))
-        assert row["tokens_trained"] == pytest.approx(statistics.mean(r["tokens_trained"] for r in mine))
-        assert row["peak_memory_gib"] == max(r["peak_memory_bytes"] for r in mine) / 2**30
-        cells = []
+    for r in rows:  # each row against its own run folder
+        folder = out / f"{r['rule']}-{r['keep']:g}-seed{r['seed']}"
+        metrics = [json.loads(line) for line in open(folder / "metrics.jsonl")]
+        assert [m["step"] for m in metrics] == list(range(1, 11))
+        assert [c["step"] for c in r["curve"]] == [5, 10]
+        for part, key in (("accuracy", sweep.EVAL), ("misconception", f"{sweep.EVAL}/misconception"),
+                          ("other", f"{sweep.EVAL}/other")):
+            assert r[part] == pytest.approx(100 * metrics[-1][key])
+        assert r["tokens_trained"] == sum(m["kept_tokens"] for m in metrics)
+        assert r["length_last"] == pytest.approx(sum(m["response_length"] for m in metrics[-10:]) / 10)
+        assert r["command"].startswith("OMP_NUM_THREADS=1 python distill.py --rule " + r["rule"])
+        assert f"--seed {r['seed']}" in r["command"] and "--steps 10" in r["command"]
+    for e in table:  # every row of the table, every part, from the runs
         for part in sweep.PARTS:
-            if rule == "entropy":  # no run scored the parts: no column, a dash in the table
-                assert part not in row and f"{part}_std" not in row
-                cells.append("-")
-                continue
-            scores = [100 * r["parts"][part] for r in mine]
-            assert row[part] == pytest.approx(statistics.mean(scores))
-            assert row[f"{part}_std"] == pytest.approx(statistics.stdev(scores))
-            cells.append(f"{row[part]:.1f} ± {row[part + '_std']:.1f}")
-        line = (f"| {rule} | {keep:g} | {row['accuracy']:.1f} ± {row['std']:.1f} | " + " | ".join(cells)
-                + f" | {row['tokens_trained']:.0f} | {row['peak_memory_gib']:.2f} |")
-        assert line in table.splitlines()
+            values = [r[part] for r in rows if (r["rule"], r["keep"]) == (e["rule"], e["keep"])]
+            assert e[part] == pytest.approx(sweep.mean_ci(values))
+    for seed in (0, 1):  # the same seed samples the same rollouts at step 1 under both rules
+        first = lambda name: json.loads(open(out / f"{name}-seed{seed}" / "metrics.jsonl").readline())  # noqa: E731
+        a, s = first("all-1"), first("soft-or-0.5")
+        assert a["response_tokens"] == s["response_tokens"] == a["kept_tokens"] > s["kept_tokens"]
+    assert "| soft-or | 0.5 | 2 |" in open(out / "table.md").read()
+    assert "(a) entropy at 50%" in open(out / "verdicts.md").read()
+    drawn = sweep.plot_sweep(table, {"accuracy": 50.0}, out / "again.png")
+    assert drawn == {f"{e['rule']}@{e['keep']:g}": e["accuracy"][0] for e in table}
+
+
+def test_a_killed_sweep_resumes_without_rerunning_finished_rows(quick, tmp_path):
+    cache, pair = quick
+    out, env = tmp_path / "sweep", {**os.environ, "TIP_TOY_CACHE": cache}
+    cmd = [sys.executable, os.path.join(REPO, "sweep.py"), "--configs", "all@1", "--seeds", "0,1",
+           "--steps", "10", "--jobs", "1", "--output-dir", str(out), "--teacher", pair["teacher"],
+           "--student", pair["student"], "--dataset", pair["dataset"]]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    rows, deadline = out / "runs.jsonl", time.time() + 120
+    while not (rows.exists() and rows.read_text().count("\n") >= 1) and time.time() < deadline:
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)  # the sweep and its running distill.py, as Ctrl-C would
+    proc.wait()
+    first = rows.read_text().splitlines()
+    assert len(first) == 1  # killed while the second run was going
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "2 runs, 1 already finished, 1 to run" in r.stdout
+    again = rows.read_text().splitlines()
+    assert again[0] == first[0] and len(again) == 2
+    assert sorted(json.loads(line)["seed"] for line in again) == [0, 1]
 
 
 @pytest.mark.parametrize("flags, message", [
@@ -112,8 +167,10 @@ def test_every_summary_row_is_the_mean_and_std_of_its_own_runs():
     (["--configs", "entropy@1.5"], "keep must be in (0, 1]"),
     (["--configs", "entropy"], "is not RULE@KEEP"),
     (["--seeds", "a,b"], "--seeds must be comma-separated integers"),
-    (["--steps", "0"], "--steps and --curve-every must be at least 1"),
-    (["--curve-every", "0"], "--steps and --curve-every must be at least 1"),
+    (["--steps", "0"], "must be at least 1"),
+    (["--jobs", "0"], "must be at least 1"),
+    (["--steps", "5"], "--steps must be at least 10"),
+    (["--teacher", "x"], "give --teacher, --student and --dataset together"),
 ])
 def test_bad_settings_get_one_line_and_status_2(flags, message, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_:
@@ -123,7 +180,7 @@ def test_bad_settings_get_one_line_and_status_2(flags, message, tmp_path, capsys
     assert not (tmp_path / "out").exists()
 
 
-def test_refuses_a_folder_that_holds_a_sweep(result):
-    r = subprocess.run([sys.executable, os.path.join(REPO, "sweep.py"), "--output-dir",
-                        str(result[1])], capture_output=True, text=True, timeout=120)
-    assert r.returncode == 2 and "already holds a sweep" in r.stderr
+def test_refuses_a_folder_that_holds_a_sweep_with_other_settings(result):
+    out = result[1]
+    with pytest.raises(sweep.UsageError, match="holds a sweep with other settings"):
+        sweep.sweep(str(out), [("all", 1.0)], [0], SETTINGS, jobs=1)
