@@ -36,7 +36,7 @@ Metrics over P problems x k samples (verdicts: a (P, k) 0/1 matrix):
 
 Outputs: the markdown table on stdout; <output-dir>/scores.json (settings, a summary per benchmark)
 and <output-dir>/completions.jsonl (every completion, its extracted answer and verdict), or
-episodes.jsonl for deepplanning (every episode's messages, plan and verdicts; deepplanning.py),
+episodes.jsonl for deepplanning (every episode's messages, plan and verdicts; deepplanning/episodes.py),
 written only once every benchmark has finished. Bad input: one line on stderr, exit status 2.
 
 Traps handled here: math-verify times out with signal.alarm, which only works in the main thread,
