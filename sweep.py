@@ -3,6 +3,7 @@
     python sweep.py                          # SWEEP x seeds 0,1,2, 60 steps each (see the README)
     python sweep.py --steps 20 --seeds 0     # a quick look
     python sweep.py --configs all@1,my-rule@0.5,entropy@0.5   # your own rule against the baselines
+    python sweep.py --report-to tensorboard  # each run to a tracker, grouped by rule@keep (tracking.py)
 
 Every run is `distill.train` on the toy pair (toy.py; built first if missing) with the toy's laptop
 settings (toy.DISTILL_DEFAULTS) except a gentler peak lr (LR: with 16 rollouts a step, 1e-3 first
@@ -29,6 +30,7 @@ import distill
 import evaluate
 import selection
 import toy
+import tracking
 from loading import UsageError, check_writable
 
 LR = 5e-4
@@ -43,20 +45,25 @@ CURVE_EVERY = 20
 PARTS = ("misconception", "other")  # the toy held-out split's parts (toy.make_item)
 
 
-def run_args(teacher_dir, student_dir, rule, keep, seed, steps, output_dir, eval_every=None):
-    """distill.py's settings for one run of the sweep (validated as the CLI would)."""
+def run_args(teacher_dir, student_dir, rule, keep, seed, steps, output_dir, eval_every=None,
+             report_to=()):
+    """distill.py's settings for one run of the sweep (validated as the CLI would); with
+    `report_to`, one tracker run per (rule, keep, seed), grouped by (sweep folder, rule, keep)."""
     args = distill.parse_args(["--teacher", teacher_dir, "--student", student_dir,
                                "--dataset", toy.split_path("train"), "--rule", rule,
                                "--keep", str(keep), "--steps", str(steps), "--seed", str(seed),
                                "--eval-every", str(eval_every or steps), "--no-eval-before",
                                "--eval-benchmarks", "toy", "--lr", str(LR),
                                "--prompts-per-step", str(PROMPTS_PER_STEP),
+                               "--report-to", ",".join(report_to) or "none",
                                "--output-dir", os.path.join(output_dir, f"{rule}-{keep:g}-seed{seed}")])
     distill.validate(args)
     for name, value in distill.TOY_DEFAULTS.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
     args.toy = False  # evaluation follows --eval-every, not the toy's before/after default
+    args.run_group = f"{os.path.basename(os.path.abspath(output_dir))}-{rule}-{keep:g}"  # tracking.py
+    args.run_name = f"{args.run_group}-seed{seed}"
     return args
 
 
@@ -148,14 +155,14 @@ def scores(record):
 
 
 def sweep(teacher_dir, student_dir, output_dir, steps=STEPS, seeds=(0, 1, 2), configs=SWEEP,
-          curve_every=CURVE_EVERY):
+          curve_every=CURVE_EVERY, report_to=()):
     """Distil the toy student under each (rule, keep) of `configs` for each seed; write
     results.json, table.md, sweep.png and misconception_curves.png into output_dir. Returns the
     table rows."""
     plan = [(rule, keep, seed) for rule, keep in configs for seed in seeds]
     # every run's settings are checked before the first one starts, not 20 minutes in
     plan = [(rule, keep, seed, run_args(teacher_dir, student_dir, rule, keep, seed, steps, output_dir,
-                                        curve_every if keep in (CURVE_KEEP, 1.0) else None))
+                                        curve_every if keep in (CURVE_KEEP, 1.0) else None, report_to))
             for rule, keep, seed in plan]
     from transformers import AutoModelForCausalLM, AutoTokenizer
     tokenizer = AutoTokenizer.from_pretrained(student_dir)
@@ -216,6 +223,7 @@ def main(argv=None):
     p.add_argument("--curve-every", type=int, default=CURVE_EVERY, help="score the runs at keep "
                    f"{CURVE_KEEP} and all@1 every N steps (the misconception curves)")
     p.add_argument("--output-dir", default="sweep", help="where the runs and the table go")
+    tracking.add_flag(p)
     args = p.parse_args(argv)
     try:
         try:
@@ -235,7 +243,8 @@ def main(argv=None):
             raise UsageError(f"cannot build the toy pair: {e}") from None
         os.makedirs(args.output_dir, exist_ok=True)
         torch.set_num_threads(toy.SETTINGS["threads"])  # as `python distill.py` on the toy pair
-        sweep(teacher_dir, student_dir, args.output_dir, args.steps, seeds, configs, args.curve_every)
+        sweep(teacher_dir, student_dir, args.output_dir, args.steps, seeds, configs, args.curve_every,
+              args.report_to)
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
