@@ -37,8 +37,8 @@ import sys
 import torch
 
 from loading import UsageError
-from parallel import all_reduce_sum
-from tip import QUADRANTS, quadrant_summary
+from parallel import all_reduce_sum, world_size
+from tip import QUADRANTS, percentile, quadrant_summary
 
 # what `import` each tracker needs, and the pinned release to install (as in requirements.txt)
 MODULES = {"trackio": "trackio", "tensorboard": "torch.utils.tensorboard", "wandb": "wandb"}
@@ -87,19 +87,21 @@ def picture_tokens(stats, kept, mask):
     return {**{k: stats[k][mask].detach().cpu() for k in PICTURE_KEYS}, "kept": kept[mask].cpu()}
 
 
-def quadrant_figure(h_hat, d_hat, quadrant, kept=None, thresholds=None, title=None):
+def quadrant_figure(h_hat, d_hat, quadrant, kept=None, thresholds=None, title=None, linthresh=None):
     """Scatter of ĥ against δ̂ coloured by quadrant (the `kept` ones ringed, the thresholds dashed),
     log-count marginal histograms. (N,) tensors -> (matplotlib Figure, {quadrant: points drawn}).
     Uses no pyplot, so it neither needs a display nor touches the caller's figures."""
+    import numpy as np
     from matplotlib.figure import Figure
     h, d, q = (torch.as_tensor(x).float().numpy() for x in (h_hat, d_hat, quadrant))  # (N,) each
     fig = Figure(figsize=(8, 8), dpi=100)
     grid = fig.add_gridspec(2, 2, width_ratios=(4, 1), height_ratios=(1, 4), hspace=0.05, wspace=0.05)
     ax = fig.add_subplot(grid[1, 0])
     top, right = fig.add_subplot(grid[0, 0], sharex=ax), fig.add_subplot(grid[1, 1], sharey=ax)
-    for k, name in QUADRANTS.items():
-        ax.scatter(h[q == k], d[q == k], s=6, alpha=0.5, color=COLORS[k],
-                   label=f"{name} ({(q == k).mean() if len(q) else 0:.0%})")
+    drawn = {}
+    for k in (1, 4, 2, 3):  # the small quadrants last, on top
+        drawn[k] = ax.scatter(h[q == k], d[q == k], s=6, alpha=0.5, color=COLORS[k],
+                              label=f"{QUADRANTS[k]} ({(q == k).mean() if len(q) else 0:.0%})")
     if kept is not None:
         k = torch.as_tensor(kept).numpy()  # (N,) bool
         ax.scatter(h[k], d[k], s=22, facecolors="none", edgecolors="k", linewidths=0.5,
@@ -109,14 +111,24 @@ def quadrant_figure(h_hat, d_hat, quadrant, kept=None, thresholds=None, title=No
         ax.axhline(thresholds[1], color="k", lw=0.8, ls="--")
     ax.set_xlabel("ĥ: normalised student entropy")
     ax.set_ylabel("δ̂: normalised reverse KL(P_S ‖ P_T)")
-    ax.legend(loc="upper right", fontsize=8, markerscale=2)
-    top.hist(h, bins=50, color="0.4", log=True)
-    right.hist(d, bins=50, color="0.4", log=True, orientation="horizontal")
+    bins = [50, 50]
+    if linthresh:  # most tokens sit near 0 on both axes: linear below linthresh, log above
+        for i, axis in enumerate((ax.set_xscale, ax.set_yscale)):
+            axis("symlog", linthresh=linthresh[i], linscale=0.5)
+            bins[i] = np.concatenate([[0], np.geomspace(linthresh[i] / 10, 1, 49)])
+    top.hist(h, bins=bins[0], color="0.4", log=True)
+    right.hist(d, bins=bins[1], color="0.4", log=True, orientation="horizontal")
     top.tick_params(labelbottom=False)
     right.tick_params(labelleft=False)
     top.set_title(title or f"{len(h)} response tokens" + (
         "" if thresholds is None else f"; dashed: thresholds {thresholds[0]:.3f}, {thresholds[1]:.3f}"))
-    return fig, {k: len(ax.collections[k - 1].get_offsets()) for k in QUADRANTS}
+    handles, labels = ax.get_legend_handles_labels()
+    order = [labels.index(x) for x in sorted(labels, key=lambda x: (x[0] != "Q", x))]  # Q1..Q4, kept
+    corner = fig.add_subplot(grid[0, 1])  # the legend goes in the empty corner, over no point
+    corner.axis("off")
+    corner.legend([handles[i] for i in order], [labels[i] for i in order], loc="center", fontsize=7,
+                  markerscale=2, borderaxespad=0)
+    return fig, {k: len(drawn[k].get_offsets()) for k in QUADRANTS}
 
 
 def quadrant_rows(tokens):
@@ -137,10 +149,14 @@ def picture(tokens, step):
     """The step's image (H, W, 3) uint8 array and table rows, from the micro-batches' tokens."""
     import numpy as np
     from matplotlib.backends.backend_agg import FigureCanvasAgg
+    # One micro-batch in one process: its quadrant thresholds are the medians of these very tokens
+    # (tip.classify_quadrants); otherwise each micro-batch had its own, and no line is drawn.
+    one = len(tokens) == 1 and world_size() == 1
     tokens = {k: torch.cat([t[k] for t in tokens]) for k in tokens[0]}  # (N,) each
+    thresholds = tuple(percentile(tokens[k], 50).item() for k in ("h_hat", "d_hat")) if one else None
     fig, _ = quadrant_figure(tokens["h_hat"], tokens["d_hat"], tokens["quadrant"], tokens["kept"],
-                             title=f"step {step}: {len(tokens['kept'])} response tokens, "
-                             f"{int(tokens['kept'].sum())} kept (ringed)")
+                             thresholds, f"step {step}: {len(tokens['kept'])} response tokens, "
+                             f"{int(tokens['kept'].sum())} kept (ringed)", linthresh=(1e-3, 1e-5))
     canvas = FigureCanvasAgg(fig)
     canvas.draw()
     image = np.asarray(canvas.buffer_rgba())[..., :3].copy()  # (H, W, 3) uint8
