@@ -34,6 +34,7 @@ import toy  # noqa: E402
 from loading import hidden_states, lm_head  # noqa: E402
 from rollouts import as_rollouts, collate, pad_id, sample  # noqa: E402
 from tip import QUADRANTS, quadrant_summary  # noqa: E402
+from tracking import COLORS, quadrant_figure  # noqa: E402
 
 
 def quadrant_table(stats, mask):
@@ -95,32 +96,13 @@ def markdown(rows, columns):
                      + ["| " + " | ".join(fmt(r[c]) for c in columns) + " |" for r in rows])
 
 
-COLORS = {1: "#d62728", 2: "#ff9f1c", 3: "#7b2cbf", 4: "#2a9d8f"}  # Q1 red .. Q4 teal
-
-
 def plot_quadrants(stats, mask, thresholds, path):
-    """Scatter of ĥ vs δ̂ coloured by quadrant, threshold lines, log-count marginal histograms."""
-    h, d, q = stats["h_hat"][mask].numpy(), stats["d_hat"][mask].numpy(), stats["quadrant"][mask].numpy()
-    fig = plt.figure(figsize=(8, 8), dpi=100)
-    grid = fig.add_gridspec(2, 2, width_ratios=(4, 1), height_ratios=(1, 4), hspace=0.05, wspace=0.05)
-    ax = fig.add_subplot(grid[1, 0])
-    top, right = fig.add_subplot(grid[0, 0], sharex=ax), fig.add_subplot(grid[1, 1], sharey=ax)
-    for k, name in QUADRANTS.items():
-        ax.scatter(h[q == k], d[q == k], s=6, alpha=0.5, color=COLORS[k],
-                   label=f"{name} ({(q == k).mean():.0%})")
-    ax.axvline(thresholds[0], color="k", lw=0.8, ls="--")
-    ax.axhline(thresholds[1], color="k", lw=0.8, ls="--")
-    ax.set_xlabel("ĥ: normalised student entropy")
-    ax.set_ylabel("δ̂: normalised reverse KL(P_S ‖ P_T)")
-    ax.legend(loc="upper right", fontsize=8, markerscale=2)
-    top.hist(h, bins=50, color="0.4", log=True)
-    right.hist(d, bins=50, color="0.4", log=True, orientation="horizontal")
-    top.tick_params(labelbottom=False)
-    right.tick_params(labelleft=False)
-    top.set_title(f"{len(h)} response tokens; dashed: thresholds {thresholds[0]:.3f}, {thresholds[1]:.3f}")
+    """quadrants.png: ĥ vs δ̂ coloured by quadrant, threshold lines, log-count marginal histograms
+    (drawn by tracking.quadrant_figure, the picture the trackers get during training)."""
+    fig, drawn = quadrant_figure(stats["h_hat"][mask], stats["d_hat"][mask], stats["quadrant"][mask],
+                                 thresholds=thresholds)
     fig.savefig(path)
-    plt.close(fig)
-    return {k: len(ax.collections[k - 1].get_offsets()) for k in QUADRANTS}  # points drawn per Q
+    return drawn  # points drawn per quadrant
 
 
 def plot_coverage(rows, path):

@@ -31,6 +31,7 @@ import evaluate
 import selection
 import tip
 import toy
+import tracking
 from checkpoint import latest_checkpoint, resume, save_checkpoint
 from loading import (ArgumentParser, UsageError, add_model_flags, check_output_head,
                      check_same_tokenizer, check_writable, encode_prompts, find_prompt_field,
@@ -103,10 +104,10 @@ def batch_statistics(student_hidden, student_head, teacher_hidden, teacher_head,
 # Steps 2-6 of one optimizer step, over micro-batches with gradient accumulation
 # ---------------------------------------------------------------------------------------------
 
-def opd_step(student, teacher, rollouts, cfg, generator, times):
+def opd_step(student, teacher, rollouts, cfg, generator, times, tokens=None):
     """Teacher pass, student pass, statistics, selection and loss per micro-batch; leaves the
     gradient of (Σ loss over the step's kept tokens) / (their number) in the student.
-    Returns the step's token metrics (summed over ranks)."""
+    Returns the step's token metrics (summed over ranks); fills `tokens` for the trackers."""
     device = next(student.parameters()).device
     autocast = (torch.autocast("cuda", dtype=cfg.dtype) if device.type == "cuda"
                 and cfg.dtype != torch.float32 else contextlib.nullcontext())
@@ -139,6 +140,8 @@ def opd_step(student, teacher, rollouts, cfg, generator, times):
         sums["reverse_kl"] += stats["reverse_kl"][mask].sum().item()
         sums["n"] += int(mask.sum())
         sums["kept"] += int(kept.sum())
+        if tokens is not None:
+            tokens.append(tracking.picture_tokens(stats, kept, mask))
         quads += torch.stack([torch.bincount(stats["quadrant"][m].cpu(), minlength=5)[:5]
                               for m in (mask, kept)])  # (2, 5)
     sums = {k: all_reduce_sum(v) for k, v in sums.items()}
@@ -235,13 +238,15 @@ def train(args):
         start, history = resume(checkpoint_dir, student, optimizer, scheduler, metrics_path, rank == 0)
         if rank == 0:
             print(f"resumed from {checkpoint_dir} at step {start}")
+    tracker = tracking.start(args, rank, start)  # --report-to: rank 0's trackers, or none
     os.makedirs(args.output_dir, exist_ok=True)
 
-    def write(record):  # opened per record: a kill loses at most the line being written
+    def write(record, tokens=None):  # opened per record: a kill loses at most the line being written
         history.append(record)
         if rank == 0:
             with open(metrics_path, "a") as log:
                 log.write(json.dumps(record) + "\n")
+            tracker.log(record, tokens)  # a copy for the trackers; never stops the run
 
     evaluating = args.eval_every > 0 or args.toy
     if evaluating and start == 0 and args.eval_before:
@@ -257,7 +262,8 @@ def train(args):
             order = list(prompt_order(len(prompts), step - 1, args.prompts_per_step, args.seed))
             batch = [prompts[j] for j in order[rank::world]]  # this rank's share
             rollouts, task_sums = rollouts_of_step(student, tokenizer, batch, args)
-        metrics = opd_step(student, teacher, rollouts, cfg, generator, times)  # 2-6
+        tokens = tracker.tokens()  # a list when a tracker will draw the step's quadrant picture
+        metrics = opd_step(student, teacher, rollouts, cfg, generator, times, tokens)  # 2-6
         if task_sums:  # deepplanning: per-episode means over every rank's episodes
             n = max(all_reduce_sum(task_sums.pop("episodes")), 1)
             metrics.update({f"episode/{k}": all_reduce_sum(v) / n for k, v in task_sums.items()})
@@ -275,7 +281,7 @@ def train(args):
                   **{f"time/{k}": v for k, v in times.items()}}
         if evaluating and ((args.eval_every and step % args.eval_every == 0) or step == args.steps):
             record.update(evaluate.during_training(student, tokenizer, args))
-        write(record)  # 8. the record in metrics.jsonl, then the same as one fixed-format line
+        write(record, tokens)  # 8. the record in metrics.jsonl, then as one fixed-format line
         if rank == 0:
             print(log_line(record, args.steps), flush=True)
         if (args.save_every and step % args.save_every == 0) or step == args.steps:
@@ -285,6 +291,7 @@ def train(args):
         if skipped_in_a_row >= args.max_skipped_steps:
             raise TrainingError(f"{skipped_in_a_row} steps in a row had a non-finite loss or grad "
                                 "norm; stopping (lower --lr, or check the data)")
+    tracker.close()
     return student, tokenizer, history
 
 
@@ -358,6 +365,7 @@ def parse_args(argv=None):
     p.add_argument("--eval-benchmarks", help="comma list (default: toy for the toy pair, else math500)")
     p.add_argument("--eval-samples", type=int, default=1, help="samples per problem (1: greedy)")
     p.add_argument("--eval-limit", type=int, help="evaluate on the first N problems only")
+    tracking.add_flag(p)
     add_model_flags(p, "teacher dtype and the student's autocast (auto: bf16 on a GPU)")
     return p.parse_args(argv)
 
@@ -380,6 +388,7 @@ def validate(args):
                          "--teacher and --student (models whose chat template renders tools)")
     if args.data_dir:
         deepplanning.resolve_data_dir(args.data_dir)  # a missing or wrongly laid out folder: one line
+    tracking.check(args.report_to)  # a chosen tracker that is not installed: one line
     for name in ("steps", "prompts_per_step", "samples_per_prompt", "max_new_tokens",
                  "micro_batch_size", "generation_batch_size", "chunk_size", "max_skipped_steps",
                  "max_turns", "max_total_tokens", "max_prompt_length"):

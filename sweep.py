@@ -5,6 +5,7 @@ the same seeds (paired), each run its own `python distill.py` process, two or mo
     python sweep.py --jobs 2                 # processes at once (default: one per CPU core)
     python sweep.py --configs all@1,my-rule@0.2    # your rule against all tokens, same seeds
     python sweep.py                          # again after a kill: finished runs are not run again
+    python sweep.py --report-to tensorboard  # each run to a tracker, grouped by rule@keep (tracking.py)
 
 Settings: the first command's (toy.DISTILL_DEFAULTS: lr 1e-3, 8 prompts x 4 rollouts, 150 steps),
 where all-token OPD takes the toy student from ~40% to ~90%, so the rules are compared after the
@@ -43,6 +44,7 @@ from scipy import stats as scipy_stats
 
 import selection
 import toy
+import tracking
 from loading import UsageError, check_writable
 
 SWEEP = [("all", 1.0), ("entropy", 0.5), ("entropy", 0.2), ("entropy", 0.1),
@@ -68,9 +70,14 @@ def run_folder(output_dir, rule, keep, seed):
     return os.path.join(output_dir, f"{rule}-{keep:g}-seed{seed}")
 
 
-def command(rule, keep, seed, folder, settings, pair=None, eval_every=None):
-    """distill.py's flags for one run, every setting written out (defaults may change later)."""
+def command(rule, keep, seed, folder, settings, pair=None, eval_every=None, report_to=()):
+    """distill.py's flags for one run, every setting written out (defaults may change later);
+    with `report_to`, one tracker run per (rule, keep, seed), grouped by (sweep folder, rule, keep)."""
     flags = ["--rule", rule, "--keep", f"{keep:g}", "--seed", str(seed)]
+    if report_to:
+        group = f"{os.path.basename(os.path.abspath(os.path.dirname(folder)))}-{rule}-{keep:g}"
+        flags += ["--report-to", ",".join(report_to), "--run-group", group,
+                  "--run-name", f"{group}-seed{seed}"]
     for name, value in settings.items():
         flags += [f"--{name.replace('_', '-')}", str(value)]
     for name, value in (pair or {}).items():  # an explicit pair (tests, forks); else the toy's
@@ -319,7 +326,7 @@ def start_scores(student_dir):
             **{k[5:]: 100 * v for k, v in summary.items() if k.startswith("mean/")}}
 
 
-def run_all(output_dir, plan, settings, pair, jobs, curve_every):
+def run_all(output_dir, plan, settings, pair, jobs, curve_every, report_to=()):
     """Run the plan's missing runs, `jobs` processes at a time; append each row as it finishes."""
     rows_path, lock, failed = os.path.join(output_dir, "runs.jsonl"), threading.Lock(), []
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # one thread a run, as the toy pins its own
@@ -328,7 +335,7 @@ def run_all(output_dir, plan, settings, pair, jobs, curve_every):
         folder = run_folder(output_dir, rule, keep, seed)
         shutil.rmtree(folder, ignore_errors=True)  # what a killed run left: start it afresh
         os.makedirs(folder)
-        flags = command(rule, keep, seed, folder, settings, pair, curve_every)
+        flags = command(rule, keep, seed, folder, settings, pair, curve_every, report_to)
         t0 = time.time()
         with open(os.path.join(folder, "log.txt"), "w") as log:
             code = subprocess.run([sys.executable, DISTILL, *flags], stdout=log,
@@ -354,7 +361,7 @@ def run_all(output_dir, plan, settings, pair, jobs, curve_every):
 
 
 def sweep(output_dir, configs=SWEEP, seeds=SEEDS, settings=None, jobs=None, pair=None,
-          curve_every=None):
+          curve_every=None, report_to=()):
     """Distil the toy student under each (rule, keep) for each seed (resuming a sweep already in
     output_dir), then write the reports. Returns (rows, table, verdicts)."""
     settings = settings or dict(toy.DISTILL_DEFAULTS)
@@ -377,7 +384,7 @@ def sweep(output_dir, configs=SWEEP, seeds=SEEDS, settings=None, jobs=None, pair
             if (rule, keep, seed) not in done]
     print(f"sweep: {len(configs) * len(seeds)} runs, {len(done)} already finished, {len(plan)} to "
           f"run, {jobs} at a time", flush=True)
-    failed = run_all(output_dir, plan, settings, pair, jobs, curve_every)
+    failed = run_all(output_dir, plan, settings, pair, jobs, curve_every, report_to)
     if failed:
         raise RuntimeError(f"{len(failed)} run(s) failed: {'; '.join(failed)}; run the sweep "
                            "again to retry them (finished runs are kept)")
@@ -434,6 +441,7 @@ def main(argv=None):
     p.add_argument("--dataset")
     p.add_argument("--output-dir", default="sweep", help="where the runs and reports go; a sweep "
                    "already there with the same settings is resumed")
+    tracking.add_flag(p, runs=False)
     args = p.parse_args(argv)
     try:
         try:
@@ -450,6 +458,7 @@ def main(argv=None):
         if any(pair.values()) and not all(pair.values()):
             raise UsageError("give --teacher, --student and --dataset together, or none (the toy pair)")
         check_writable(args.output_dir)
+        tracking.check(args.report_to)  # a missing tracker: one line before any run starts
         if not any(pair.values()):
             try:
                 toy.build()
@@ -457,7 +466,7 @@ def main(argv=None):
                 raise UsageError(f"cannot build the toy pair: {e}") from None
         settings = {**toy.DISTILL_DEFAULTS, "steps": args.steps}
         sweep(args.output_dir, configs, seeds, settings, args.jobs,
-              pair if any(pair.values()) else None, args.curve_every)
+              pair if any(pair.values()) else None, args.curve_every, args.report_to)
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
