@@ -88,13 +88,17 @@ def micro_batches(rollouts, max_rollouts, max_tokens, max_padding=1.1):
     `max_rollouts` rollouts and `max_tokens` padded positions (padded_tokens) each, and padded
     positions at most `max_padding` × real ones (so over the whole step too).
 
-    Rollouts are sorted by length, longest first, and cut greedily where the next one would break
-    a limit, so each micro-batch holds rollouts of similar length; a rollout longer than
-    `max_tokens` is a micro-batch of its own. Inside a micro-batch they keep their order in the
-    step. The step's gradient does not depend on the cut (distill.opd_step divides the summed loss
-    once); only the per-micro-batch normalisation of ĥ, δ̂ does (docs/method.md).
+    A step within both limits is one micro-batch, as it comes: ĥ and δ̂ are then normalised over
+    the whole step, as in the paper. Otherwise rollouts are sorted by length, longest first, and
+    cut greedily where the next one would break a limit, so each micro-batch holds rollouts of
+    similar length; a rollout longer than `max_tokens` is a micro-batch of its own. Inside a
+    micro-batch they keep their order in the step. The step's gradient does not depend on the cut
+    (distill.opd_step divides the summed loss once); only the per-micro-batch normalisation of ĥ,
+    δ̂ does (docs/method.md).
     """
     length = [len(p) + len(r) for p, r in zip(rollouts.prompts, rollouts.responses)]
+    if len(length) <= max_rollouts and len(length) * max(length, default=0) <= max_tokens:
+        return [rollouts]
     parts, current = [], []
     for i in sorted(range(len(length)), key=lambda i: -length[i]):
         padded = (len(current) + 1) * length[current[0] if current else i]  # the first is longest
