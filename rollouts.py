@@ -97,9 +97,9 @@ def micro_batches(rollouts, max_rollouts, max_tokens, max_padding=1.1):
     δ̂ does (docs/method.md).
     """
     length = [len(p) + len(r) for p, r in zip(rollouts.prompts, rollouts.responses)]
-    if len(length) <= max_rollouts and len(length) * max(length, default=0) <= max_tokens:
-        return [rollouts]
     parts, current = [], []
+    if 0 < len(length) <= max_rollouts and len(length) * max(length) <= max_tokens:
+        parts, length = [list(range(len(length)))], []  # one micro-batch: nothing to sort
     for i in sorted(range(len(length)), key=lambda i: -length[i]):
         padded = (len(current) + 1) * length[current[0] if current else i]  # the first is longest
         if current and (len(current) + 1 > max_rollouts or padded > max_tokens
@@ -108,6 +108,11 @@ def micro_batches(rollouts, max_rollouts, max_tokens, max_padding=1.1):
             current = []
         current.append(i)
     parts += [current] if current else []
+    # Under torchrun every rank must make the same number of passes (FSDP's collectives): a rank
+    # with fewer micro-batches halves its largest ones (each rank has the same number of rollouts).
+    for _ in range(int(all_reduce_max(len(parts))) - len(parts)):
+        big = parts.pop(max(range(len(parts)), key=lambda k: len(parts[k])))
+        parts += [big[:len(big) // 2], big[len(big) // 2:]]
     pick = lambda items, idx: [items[j] for j in sorted(idx)] if items is not None else None  # noqa: E731
     return [Rollouts(pick(rollouts.prompts, idx), pick(rollouts.responses, idx),
                      pick(rollouts.masks, idx)) for idx in parts]

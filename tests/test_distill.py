@@ -160,6 +160,17 @@ def test_micro_batches_by_token_budget_cut_padding_on_a_long_tailed_mix():
     assert padded_tokens(parts[0].prompts, parts[0].responses) == padded[0]
 
 
+def test_micro_batches_match_the_busiest_rank(monkeypatch):
+    """Under torchrun every rank runs as many micro-batches as the rank with the most."""
+    import rollouts
+    lengths = [9, 9, 8, 3, 2, 2, 1]
+    step = Rollouts(prompts=[[1]] * 7, responses=[[2] * n for n in lengths])
+    assert len(micro_batches(step, 7, 70)) == 1  # the whole step fits: one micro-batch
+    monkeypatch.setattr(rollouts, "all_reduce_max", lambda n: 4)  # another rank cut 4
+    parts = micro_batches(step, 7, 70)
+    assert len(parts) == 4 and sorted(len(r) for p in parts for r in p.responses) == sorted(lengths)
+
+
 def test_collate_unaligned_left_pads_whole_sequences():
     ids, attn, mask = collate([[5, 6, 7], [8]], [[10, 11, 2], [12]], pad=0, masks=[[1, 0, 1], [1]],
                               align=False)
