@@ -311,7 +311,8 @@ def loss_cost(spec, loss="reverse_kl"):
     forward + backward over the four-GEMM floor, and its working set in fp32 (chunk, V) tensors.
 
     Floor: per chunk z_S = H_S W_Sᵀ and z_T = H_T W_Tᵀ into preallocated buffers, dH_S = G W_S and
-    dW_S += Gᵀ H_S, timed alone (median of `repeats` after a warm-up), on the same inputs.
+    dW_S += Gᵀ H_S, timed alone on the same inputs; each the fastest of `repeats` runs after one
+    warm-up, floor and loss interleaved.
     Working set: peak RSS during one forward + backward minus RSS before it (memory.py, Linux),
     less the (V, D_S) head gradient and the (rows, D_S) hidden gradient the call must return,
     over chunk × V × 4 bytes. torch's CPU allocator caches nothing and glibc returns blocks this
@@ -343,20 +344,18 @@ def loss_cost(spec, loss="reverse_kl"):
         hs_.grad = ws_.grad = None
         tip.chunked_divergence(hs_, ws_, ht, wt, loss, 0.5, chunk).backward()
 
-    def median_seconds(fn):
-        times = []
-        for _ in range(1 + shape["repeats"]):
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-        return statistics.median(times[1:])
-
     forward_backward()
     hs_.grad = ws_.grad = None
     baseline = start_memory_window(torch.device("cpu"))
     forward_backward()
     extra = peak_memory(torch.device("cpu")) - baseline - (vocab + rows) * ds * 4
-    floor_s, loss_s = median_seconds(floor), median_seconds(forward_backward)
+    times = {floor: [], forward_backward: []}  # interleaved, and the fastest of each: on a shared
+    for _ in range(1 + shape["repeats"]):  # machine the minimum is the run least disturbed
+        for fn in times:
+            t0 = time.perf_counter()
+            fn()
+            times[fn].append(time.perf_counter() - t0)
+    floor_s, loss_s = min(times[floor][1:]), min(times[forward_backward][1:])
     return {"loss": loss, "floor_seconds": floor_s, "loss_seconds": loss_s,
             "time_ratio": loss_s / floor_s, "working_set": extra / (chunk * vocab * 4), **shape}
 

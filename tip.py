@@ -169,7 +169,7 @@ class _ChunkedDivergence(torch.autograd.Function):
         rows = min(chunk_size, n_all)
         zs_buf, zt_buf = torch.empty(2, rows, ws.shape[0], dtype=dtype, device=device)  # (n, V) each
         grad_hidden = torch.empty_like(student_hidden)  # (N, D_s)
-        grad_head = torch.zeros_like(ws) if ctx.needs_input_grad[1] else None  # (V, D_s)
+        grad_head = torch.empty_like(ws) if ctx.needs_input_grad[1] else None  # (V, D_s)
         total = torch.zeros((), dtype=dtype, device=device)
         with torch.autocast(device.type, enabled=False):  # projections and gradients in fp32
             for i in range(0, n_all, chunk_size):
@@ -183,7 +183,7 @@ class _ChunkedDivergence(torch.autograd.Function):
                 row_scale = (w * scale).unsqueeze(1) if w is not None else scale  # (n, 1) or float
                 grad_hidden[i:i + chunk_size] = (g @ ws) * row_scale  # (n, D_s)
                 if grad_head is not None:
-                    grad_head.addmm_(g.T, hs * row_scale)  # (V, D_s) += Gᵀ H_S, no (V, D_s) temp
+                    grad_head.addmm_(g.T, hs * row_scale, beta=1 if i else 0)  # (V, D_s) += Gᵀ H_S
         ctx.grads = grad_hidden, grad_head  # not saved tensors: backward hands them on uncopied
         return total
 
