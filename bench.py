@@ -58,7 +58,7 @@ import selection
 import tip
 from loading import hidden_states, lm_head
 from memory import peak_memory, start_memory_window
-from rollouts import Rollouts, collate, position_ids
+from rollouts import Rollouts, collate, micro_batches, padded_tokens, position_ids
 
 # head_dim is explicit: Qwen3 decouples it from hidden / heads (Qwen3-4B: 2560 / 32 = 80, yet 128).
 PRESETS = {
@@ -69,13 +69,29 @@ PRESETS = {
     "quick": dict(  # seconds, for the test; one thread, as tiny ops on a busy CPU wait on barriers
         teacher=dict(hidden=48, layers=2, heads=4, kv_heads=2, head_dim=8),
         student=dict(hidden=32, layers=1, heads=4, kv_heads=2, head_dim=8),
-        vocab=512, batch=2, prompt_length=4, response_length=16, chunk_size=8, steps=2, threads=1),
+        vocab=512, batch=2, prompt_length=4, response_length=16, chunk_size=8, steps=2, threads=1,
+        head=dict(student_hidden=32, teacher_hidden=48, vocab=512, rows=16, chunk_size=8, repeats=1)),
     "qwen3-4b-0.6b": dict(  # each model's config.json; random weights, no download; for a GPU
         teacher=dict(hidden=2560, layers=36, heads=32, kv_heads=8, head_dim=128, intermediate=9728),
         student=dict(hidden=1024, layers=28, heads=16, kv_heads=8, head_dim=128, intermediate=3072),
         vocab=151_936, batch=8, prompt_length=128, response_length=1024, chunk_size=512),
 }
 PATHS = ("naive", "gathered", "recompute", "chunked")
+# The loss alone at Qwen3-4B -> Qwen3-0.6B head shapes (their config.json): 512 kept rows, chunks of
+# 256, against the four matrix products any chunked loss must do (the "GEMM floor").
+QWEN3_HEADS = dict(student_hidden=1024, teacher_hidden=2560, vocab=151_936, rows=512, chunk_size=256,
+                   repeats=3)
+# Length mixes for the padding ratio, (prompts, rollouts per prompt, prompt and response lengths):
+#   math: 8 prompts x 16 rollouts (the paper's step); prompt log-normal, median 150 tokens, sigma
+#     0.5, in [20, 2048]; response log-normal, median 1,200, sigma 1.0, capped at 8,192 (MATH
+#     rollouts run from a few hundred tokens to the cap).
+#   deepplanning: 8 tasks x 4 episodes; prompt 5,887 tokens (the rendered English prompt, README);
+#     the rest log-normal, median 19,000, sigma 0.5, the whole capped at 40,960 (the ten recorded
+#     MiniMax-M2.5 episodes: ~25k tokens median, 41.0k the longest; README).
+LENGTH_MIXES = {"math": dict(prompts=8, per_prompt=16, prompt=(150, 0.5, 20, 2048),
+                             response=(1200, 1.0, 1, 8192), total_cap=None),
+                "deepplanning": dict(prompts=8, per_prompt=4, prompt=(5887, 0.0, 5887, 5887),
+                                     response=(19000, 0.5, 1, 40960), total_cap=40960)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -226,6 +242,8 @@ def setup(spec):
     cfg = argparse.Namespace(dtype=dtype, rule="all" if spec["keep"] == 1.0 else spec["rule"],
                              keep=spec["keep"], loss="reverse_kl", beta=0.5, pad_id=0,
                              chunk_size=spec["chunk_size"], micro_batch_size=spec["batch"],
+                             micro_batch_tokens=spec["batch"] * (spec["prompt_length"]
+                                                                 + spec["response_length"]),
                              importance_weights=False)
     return device, teacher, student, optimizer, rollouts, cfg
 
@@ -288,6 +306,89 @@ def projection_cost(spec):
             "head_copy_bytes": head32.numel() * 4}
 
 
+def loss_cost(spec, loss="reverse_kl"):
+    """tip.chunked_divergence alone at the preset's head shapes (QWEN3_HEADS unless quick): time of
+    forward + backward over the four-GEMM floor, and its working set in fp32 (chunk, V) tensors.
+
+    Floor: per chunk z_S = H_S W_Sᵀ and z_T = H_T W_Tᵀ into preallocated buffers, dH_S = G W_S and
+    dW_S += Gᵀ H_S, timed alone on the same inputs; each the fastest of `repeats` runs after one
+    warm-up, floor and loss interleaved.
+    Working set: peak RSS during one forward + backward minus RSS before it (memory.py, Linux),
+    less the (V, D_S) head gradient and the (rows, D_S) hidden gradient the call must return,
+    over chunk × V × 4 bytes. torch's CPU allocator caches nothing and glibc returns blocks this
+    large to the system on free, so RSS follows live tensors; it also counts kernels' own
+    temporaries, which a count of tensors at the Python level would miss."""
+    if spec["threads"]:
+        torch.set_num_threads(spec["threads"])
+    shape = spec["head"]
+    g = torch.Generator().manual_seed(spec["seed"])
+    rows, chunk, vocab, ds = shape["rows"], shape["chunk_size"], shape["vocab"], shape["student_hidden"]
+    hs = torch.randn(rows, ds, generator=g)  # (N, D_s)
+    ws = torch.randn(vocab, ds, generator=g) / ds ** 0.5  # (V, D_s)
+    ht = torch.randn(rows, shape["teacher_hidden"], generator=g)  # (N, D_t)
+    wt = torch.randn(vocab, shape["teacher_hidden"], generator=g) / shape["teacher_hidden"] ** 0.5
+    a, b = torch.empty(chunk, vocab), torch.empty(chunk, vocab)  # (chunk, V) each
+    grad_hidden, grad_head = torch.empty(rows, ds), torch.zeros(vocab, ds)
+
+    def floor():
+        for i in range(0, rows, chunk):
+            n = hs[i:i + chunk].shape[0]
+            torch.mm(hs[i:i + chunk], ws.T, out=a[:n])
+            torch.mm(ht[i:i + chunk], wt.T, out=b[:n])
+            torch.mm(a[:n], ws, out=grad_hidden[i:i + n])
+            grad_head.addmm_(a[:n].T, hs[i:i + chunk])
+
+    hs_, ws_ = hs.clone().requires_grad_(), ws.clone().requires_grad_()
+
+    def forward_backward():
+        hs_.grad = ws_.grad = None
+        tip.chunked_divergence(hs_, ws_, ht, wt, loss, 0.5, chunk).backward()
+
+    forward_backward()
+    hs_.grad = ws_.grad = None
+    baseline = start_memory_window(torch.device("cpu"))
+    forward_backward()
+    extra = peak_memory(torch.device("cpu")) - baseline - (vocab + rows) * ds * 4
+    times = {floor: [], forward_backward: []}  # interleaved, and the fastest of each: on a shared
+    for _ in range(1 + shape["repeats"]):  # machine the minimum is the run least disturbed
+        for fn in times:
+            t0 = time.perf_counter()
+            fn()
+            times[fn].append(time.perf_counter() - t0)
+    floor_s, loss_s = min(times[floor][1:]), min(times[forward_backward][1:])
+    return {"loss": loss, "floor_seconds": floor_s, "loss_seconds": loss_s,
+            "time_ratio": loss_s / floor_s, "working_set": extra / (chunk * vocab * 4), **shape}
+
+
+def length_mix(name, seed):
+    """Rollouts (ids of 1s) with the stated length mix of LENGTH_MIXES[name]."""
+    mix, g = LENGTH_MIXES[name], torch.Generator().manual_seed(seed)
+
+    def draw(median, sigma, lo, hi, n):  # n log-normal lengths, clipped to [lo, hi]
+        return (median * torch.exp(sigma * torch.randn(n, generator=g))).long().clamp(lo, hi).tolist()
+    prompts = [[1] * n for n in draw(*mix["prompt"], mix["prompts"]) for _ in range(mix["per_prompt"])]
+    responses = draw(*mix["response"], len(prompts))
+    cap = mix["total_cap"] or 10 ** 9
+    return Rollouts(prompts, [[1] * min(n, cap - len(p)) for p, n in zip(prompts, responses)])
+
+
+def padding_cost(seed, max_rollouts, max_tokens, old_micro_batch_size=4):
+    """Computed / real tokens of each length mix: distill.py's cut (rollouts.micro_batches, at the
+    real-model defaults) against the old one (rollout order, a fixed number per micro-batch, the
+    prompts aligned by collate(align=True))."""
+    out = {}
+    for name in LENGTH_MIXES:
+        r = length_mix(name, seed)
+        real = sum(len(p) + len(q) for p, q in zip(r.prompts, r.responses))
+        parts = micro_batches(r, max_rollouts, max_tokens)
+        old = sum(collate(r.prompts[i:i + old_micro_batch_size], r.responses[i:i + old_micro_batch_size],
+                          0)[0].numel() for i in range(0, len(r.prompts), old_micro_batch_size))
+        out[name] = {"rollouts": len(r.prompts), "real_tokens": real, "micro_batches": len(parts),
+                     "padding_ratio": sum(padded_tokens(p.prompts, p.responses) for p in parts) / real,
+                     "old_padding_ratio": old / real}
+    return out
+
+
 # ---------------------------------------------------------------------------------------------
 # Report: ratios, table, targets, JSON, plot
 # ---------------------------------------------------------------------------------------------
@@ -319,6 +420,33 @@ def markdown_table(rows):
                      f"{r['peak_memory_ratio']:.2f} | {r['step_peak_bytes'] / scale:.2f} | "
                      f"{r['step_peak_ratio']:.2f} | {r['step_seconds']:.3g} | "
                      f"{r['step_time_ratio']:.2f} |")
+    return "\n".join(lines)
+
+
+def standing_table(rows, losses, padding):
+    """One table: the loss against its floor (time, memory), padding, the step against naive."""
+    shape = losses[0]
+    where = (f"D_S {shape['student_hidden']}, D_T {shape['teacher_hidden']}, V {shape['vocab']}, "
+             f"{shape['rows']} rows in chunks of {shape['chunk_size']}")
+    lines = ["| figure | value | target |", "|---|---|---|"]
+    for r in losses:
+        lines.append(f"| loss {r['loss']} forward + backward / four-GEMM floor ({where}; "
+                     f"{r['loss_seconds']:.3g} s / {r['floor_seconds']:.3g} s) | {r['time_ratio']:.2f} | ≤ 1.10 |")
+    for r in losses:  # below ~16 MiB a (chunk, V) tensor is lost in the noise of the process's RSS
+        seen = r["chunk_size"] * r["vocab"] * 4 >= 2 ** 24
+        lines.append(f"| loss {r['loss']} working set beyond the gradients, fp32 (chunk, V) tensors "
+                     f"(peak RSS) | {r['working_set']:.2f} | ≤ 2 |" if seen else "| loss "
+                     f"{r['loss']} working set: (chunk, V) too small to measure in RSS | n/a | ≤ 2 |")
+    for name, p in padding.items():
+        lines.append(f"| padding: computed / real tokens, {name} mix ({p['rollouts']} rollouts, "
+                     f"{p['micro_batches']} micro-batches; in rollout order 4 at a time: "
+                     f"{p['old_padding_ratio']:.2f}) | {p['padding_ratio']:.2f} | ≤ 1.10 |")
+    for keep in sorted({r["keep"] for r in rows}, reverse=True):
+        r = find(rows, "chunked", keep)
+        lines.append(f"| step, chunked keep {keep:g}: peak memory / naive all-token | "
+                     f"{r['peak_memory_ratio']:.2f} | |")
+        lines.append(f"| step, chunked keep {keep:g}: step time / naive all-token | "
+                     f"{r['step_time_ratio']:.2f} | |")
     return "\n".join(lines)
 
 
@@ -355,9 +483,18 @@ def plot(rows, path):
 # Settings and the run
 # ---------------------------------------------------------------------------------------------
 
+class DefaultsShown(argparse.HelpFormatter):
+    """Every default shown as its value; a flag without one (None: the preset's) says so itself."""
+
+    def _get_help_string(self, action):
+        if action.default in (None, argparse.SUPPRESS) or isinstance(action.default, bool):
+            return action.help
+        return f"{action.help} (default: {action.default})"
+
+
 def parse_args(argv=None):
     p = loading.ArgumentParser(description="Peak memory and step time of one OPD step per memory "
-                               "technique.", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                               "technique.", formatter_class=DefaultsShown)
     p.add_argument("--preset", choices=sorted(PRESETS), default="tiny", help="shapes and sizes")
     p.add_argument("--quick", action="store_true", help="the 'quick' preset: a few seconds")
     p.add_argument("--vocab", type=int, help="vocabulary size V (default: preset's)")
@@ -388,7 +525,8 @@ def resolve_specs(args):
     if 1.0 not in keeps or not all(0.0 < k <= 1.0 for k in keeps):
         raise SystemExit("error: --keeps must lie in (0, 1] and include 1.0, the baseline")
     base = {"rule": args.rule, "device": args.device, "dtype": args.dtype, "seed": args.seed,
-            "warmup": args.warmup, "teacher": preset["teacher"], "student": preset["student"]}
+            "warmup": args.warmup, "teacher": preset["teacher"], "student": preset["student"],
+            "head": preset.get("head", QWEN3_HEADS)}
     fallback = {"steps": 3, "threads": 0}  # 0: torch's own thread count
     for key in ("vocab", "batch", "prompt_length", "response_length", "chunk_size", "steps",
                 "threads"):
@@ -418,9 +556,11 @@ def main(argv=None):
         print(f"  {r['path']:9s} keep {r['keep']:<4g} ckpt {ckpt} | peak {r['peak_memory_bytes'] / 2**20:6.0f} MiB | step peak "
               f"{r['step_peak_bytes'] / 2**20:6.0f} MiB | {r['step_seconds']:.3g} s", flush=True)
     cost = pool.submit(projection_cost, specs[0]).result()
+    losses = [pool.submit(loss_cost, specs[0], name).result() for name in ("reverse_kl", "forward_kl", "jsd")]
     pool.shutdown()
     add_ratios(rows)
     print(f"\n{markdown_table(rows)}\n")
+    print(f"where the step stands:\n{standing_table(rows, losses, padding_cost(args.seed, 64, 16384))}\n")
     print("targets (set for the default CPU configuration: elsewhere, information only):")
     for name, ratio, bound in targets(rows):
         print(f"target {name}: {ratio:.2f} (≤ {bound:.2f}) {'met' if ratio <= bound else 'MISSED'}")

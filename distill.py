@@ -40,16 +40,16 @@ from loading import (ArgumentParser, UsageError, add_model_flags, check_output_h
 from memory import peak_memory, phase, start_memory_window
 from parallel import (all_reduce_sum, clip_grad_norm, gather, setup_distributed, shard, teardown,
                       world_size)
-from rollouts import collate, pad_id, sample
+from rollouts import collate, micro_batches, pad_id, sample
 
 # Real models: the paper's settings (Table 9; it gives no warm-up, the authors' launcher uses 0)
 # where it has one, else ours; DeepPlanning episodes (~6k-token prompts) are all ours.
 PAPER_DEFAULTS = dict(lr=1e-6, prompts_per_step=8, samples_per_prompt=16, max_new_tokens=8192,
                       max_prompt_length=2048, warmup_steps=0)
-OUR_DEFAULTS = dict(dataset="BytedTsinghua-SIA/DAPO-Math-17k", steps=200, micro_batch_size=4,
-                    generation_batch_size=32)
+OUR_DEFAULTS = dict(dataset="BytedTsinghua-SIA/DAPO-Math-17k", steps=200, micro_batch_size=64,
+                    micro_batch_tokens=16384, generation_batch_size=32)
 REAL_DEFAULTS = {**PAPER_DEFAULTS, **OUR_DEFAULTS}
-TOY_DEFAULTS = {"max_prompt_length": 2048, **toy.DISTILL_DEFAULTS}
+TOY_DEFAULTS = {"max_prompt_length": 2048, "micro_batch_tokens": 4096, **toy.DISTILL_DEFAULTS}
 AGENTIC_DEFAULTS = dict(max_prompt_length=16384, max_new_tokens=4096, prompts_per_step=8,
                         samples_per_prompt=4, max_turns=40, max_total_tokens=40960)
 
@@ -111,14 +111,12 @@ def opd_step(student, teacher, rollouts, cfg, generator, times, tokens=None):
     device = next(student.parameters()).device
     autocast = (torch.autocast("cuda", dtype=cfg.dtype) if device.type == "cuda"
                 and cfg.dtype != torch.float32 else contextlib.nullcontext())
-    sums = dict.fromkeys(("loss", "entropy", "reverse_kl", "n", "kept"), 0.0)
+    sums = dict.fromkeys(("loss", "entropy", "reverse_kl", "n", "kept", "padded", "real"), 0.0)
     quads = torch.zeros(2, 5)  # token counts per quadrant (0 = not a response position): all, kept
     ws, wt = lm_head(student), lm_head(teacher)
-    for i in range(0, len(rollouts.responses), cfg.micro_batch_size):
-        part = slice(i, i + cfg.micro_batch_size)
-        ids, attn, mask = (t.to(device) for t in collate(
-            rollouts.prompts[part], rollouts.responses[part], cfg.pad_id,
-            rollouts.masks[part] if rollouts.masks is not None else None))
+    for part in micro_batches(rollouts, cfg.micro_batch_size, cfg.micro_batch_tokens):  # by length
+        ids, attn, mask = (t.to(device) for t in collate(part.prompts, part.responses, cfg.pad_id,
+                                                         part.masks, align=False))
         with phase(times, "teacher", device), torch.no_grad(), autocast:  # 2. frozen teacher
             h_t = hidden_states(teacher, ids, attn)  # (b, L, D_t)
         with phase(times, "student", device), autocast:  # 3. one forward, with gradients
@@ -138,8 +136,9 @@ def opd_step(student, teacher, rollouts, cfg, generator, times, tokens=None):
         sums["loss"] += loss_sum.item()
         sums["entropy"] += stats["entropy"][mask].sum().item()
         sums["reverse_kl"] += stats["reverse_kl"][mask].sum().item()
-        sums["n"] += int(mask.sum())
-        sums["kept"] += int(kept.sum())
+        for key, count in (("n", mask.sum()), ("kept", kept.sum()), ("padded", attn.numel()),
+                           ("real", attn.sum())):  # padded / real: the step's padding_ratio
+            sums[key] += int(count)
         if tokens is not None:
             tokens.append(tracking.picture_tokens(stats, kept, mask))
         quads += torch.stack([torch.bincount(stats["quadrant"][m].cpu(), minlength=5)[:5]
@@ -157,6 +156,7 @@ def opd_step(student, teacher, rollouts, cfg, generator, times, tokens=None):
     metrics = {"loss": sums["loss"] / n_kept, "entropy": sums["entropy"] / n,
                "reverse_kl": sums["reverse_kl"] / n, "kept_fraction": sums["kept"] / n,
                "response_tokens": int(sums["n"]), "kept_tokens": int(sums["kept"]),
+               "padding_ratio": sums["padded"] / max(sums["real"], 1),
                "response_length": all_reduce_sum(sum(lengths)) / n_rollouts,
                "truncated_share": all_reduce_sum(sum(rollouts.truncated or [])) / n_rollouts}
     for q in range(1, 5):
@@ -337,7 +337,8 @@ def parse_args(argv=None):
                        "step (all ranks)"), ("samples-per-prompt", "rollouts per prompt"),
                        ("max-new-tokens", "maximum response length"),
                        ("generation-batch-size", "sequences per generate call"),
-                       ("micro-batch-size", "rollouts per forward/backward"),
+                       ("micro-batch-size", "at most this many rollouts per forward/backward"),
+                       ("micro-batch-tokens", "at most this many padded positions per forward/backward"),
                        ("warmup-steps", "linear warm-up steps before the cosine decay")):
         p.add_argument(f"--{flag}", type=int, help=f"{text} {both(flag.replace('-', '_'))}")
     p.add_argument("--lr", type=float, help=f"peak learning rate {both('lr')}")
@@ -389,8 +390,8 @@ def validate(args):
     if args.data_dir:
         deepplanning.resolve_data_dir(args.data_dir)  # a missing or wrongly laid out folder: one line
     tracking.check(args.report_to)  # a chosen tracker that is not installed: one line
-    for name in ("steps", "prompts_per_step", "samples_per_prompt", "max_new_tokens",
-                 "micro_batch_size", "generation_batch_size", "chunk_size", "max_skipped_steps",
+    for name in ("steps", "prompts_per_step", "samples_per_prompt", "max_new_tokens", "micro_batch_size",
+                 "micro_batch_tokens", "generation_batch_size", "chunk_size", "max_skipped_steps",
                  "max_turns", "max_total_tokens", "max_prompt_length"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be at least 1")

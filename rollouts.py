@@ -4,6 +4,7 @@
     run_episodes(model, tokenizer, prompts, tools, ...) -> Episodes: multi-turn tool use
     as_rollouts(episodes)                    -> Rollouts whose masks mark the student's own tokens
     collate(prompts, responses, pad, masks)  -> input_ids, attention_mask, loss_mask (B, L)
+    micro_batches(rollouts, max_rollouts, max_tokens) -> Rollouts parts, cut by a token budget
     position_ids(attention_mask)             positions that skip left padding
 
 Sampling is exact: a rollout is drawn from P_S = softmax(z / T) (nucleus-truncated only if top_p < 1),
@@ -53,24 +54,69 @@ def pad_id(tokenizer):
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
 
-def collate(prompts, responses, pad, masks=None):
-    """Left-pad prompts so every response starts at the same column P; right-pad responses.
+def collate(prompts, responses, pad, masks=None, align=True):
+    """Pad B rollouts into one batch. align=True: left-pad prompts so every response starts at the
+    same column P, right-pad responses (what analysis.py reads). align=False: left-pad each whole
+    sequence, the least padding (training: distill.opd_step).
 
     Returns input_ids (B, L), attention_mask (B, L) and loss_mask (B, L): True at the positions
     whose hidden state predicts a trained response token (index i-1 for the token at index i).
     `masks` (one 0/1 list per response) leaves out response tokens the student did not generate.
     """
-    P = max(len(p) for p in prompts)
-    L = P + max(max(len(r) for r in responses), 1)
+    P = max(len(p) for p in prompts) if align else 0
+    L = max(P + max(max(len(r) for r in responses), 1),
+            0 if align else max(len(p) + len(r) for p, r in zip(prompts, responses)))
     input_ids = torch.full((len(prompts), L), pad, dtype=torch.long)  # (B, L)
     attention_mask = torch.zeros(len(prompts), L, dtype=torch.long)  # (B, L)
     loss_mask = torch.zeros(len(prompts), L, dtype=torch.bool)  # (B, L)
     for b, (p, r) in enumerate(zip(prompts, responses)):
-        input_ids[b, P - len(p):P + len(r)] = torch.tensor(p + r, dtype=torch.long)
-        attention_mask[b, P - len(p):P + len(r)] = 1
+        start = P - len(p) if align else L - len(p) - len(r)  # first prompt column
+        input_ids[b, start:start + len(p) + len(r)] = torch.tensor(p + r, dtype=torch.long)
+        attention_mask[b, start:start + len(p) + len(r)] = 1
         trained = torch.tensor(masks[b], dtype=torch.bool) if masks is not None else True
-        loss_mask[b, P - 1:P - 1 + len(r)] = trained
+        first = start + len(p) - 1  # the position that predicts the first response token
+        loss_mask[b, first:first + len(r)] = trained
     return input_ids, attention_mask, loss_mask
+
+
+def padded_tokens(prompts, responses):
+    """Positions that collate(..., align=False) computes: B × the longest prompt + response."""
+    return len(prompts) * max(max(len(p) + len(r) for p, r in zip(prompts, responses)), 1)
+
+
+def micro_batches(rollouts, max_rollouts, max_tokens, max_padding=1.1):
+    """The step's rollouts as micro-batches (Rollouts each), for collate(..., align=False): at most
+    `max_rollouts` rollouts and `max_tokens` padded positions (padded_tokens) each, and padded
+    positions at most `max_padding` × real ones (so over the whole step too).
+
+    A step within both limits is one micro-batch, as it comes: ĥ and δ̂ are then normalised over
+    the whole step, as in the paper. Otherwise rollouts are sorted by length, longest first, and
+    cut greedily where the next one would break a limit, so each micro-batch holds rollouts of
+    similar length; a rollout longer than `max_tokens` is a micro-batch of its own. Inside a
+    micro-batch they keep their order in the step. The step's gradient does not depend on the cut
+    (distill.opd_step divides the summed loss once); only the per-micro-batch normalisation of ĥ,
+    δ̂ does (docs/method.md).
+    """
+    length = [len(p) + len(r) for p, r in zip(rollouts.prompts, rollouts.responses)]
+    parts, current = [], []
+    if 0 < len(length) <= max_rollouts and len(length) * max(length) <= max_tokens:
+        parts, length = [list(range(len(length)))], []  # one micro-batch: nothing to sort
+    for i in sorted(range(len(length)), key=lambda i: -length[i]):
+        padded = (len(current) + 1) * length[current[0] if current else i]  # the first is longest
+        if current and (len(current) + 1 > max_rollouts or padded > max_tokens
+                        or padded > max_padding * (sum(length[j] for j in current) + length[i])):
+            parts.append(current)
+            current = []
+        current.append(i)
+    parts += [current] if current else []
+    # Under torchrun every rank must make the same number of passes (FSDP's collectives): a rank
+    # with fewer micro-batches halves its largest ones (each rank has the same number of rollouts).
+    for _ in range(int(all_reduce_max(len(parts))) - len(parts)):
+        big = parts.pop(max(range(len(parts)), key=lambda k: len(parts[k])))
+        parts += [big[:len(big) // 2], big[len(big) // 2:]]
+    pick = lambda items, idx: [items[j] for j in sorted(idx)] if items is not None else None  # noqa: E731
+    return [Rollouts(pick(rollouts.prompts, idx), pick(rollouts.responses, idx),
+                     pick(rollouts.masks, idx)) for idx in parts]
 
 
 def position_ids(attention_mask):

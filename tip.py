@@ -29,6 +29,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+import closed_form
+
 
 # ---------------------------------------------------------------------------------------------
 # Divergences over the vocabulary. Inputs are logits of any leading shape (..., V).
@@ -147,45 +149,50 @@ def token_stats(student_hidden, student_head, teacher_hidden, teacher_head, chun
 
 
 class _ChunkedDivergence(torch.autograd.Function):
-    """Σ_t w_t · D_t from hidden states, `chunk_size` rows at a time, gradient taken in the forward.
+    """Σ_t w_t · D_t from hidden states, `chunk_size` rows at a time, gradient formed in the forward.
 
-    Each chunk's (n, V) logits are built once: the forward computes D on them, takes dD/dz_S by
-    autograd through `divergence` (the one copy of the loss), and folds it straight into the
-    gradients of the student's hidden states, g @ W_S, and lm_head, gᵀ @ H_S; backward only scales
-    them by the incoming gradient. Versus checkpointing each chunk (recompute in backward) this
-    skips a second student and teacher projection and a second softmax pass, for the price of a
-    (V, D_S) gradient buffer held from forward to backward (the lm_head's own gradient).
+    Each chunk's logits are projected into two preallocated (n, V) buffers, which
+    closed_form.divergence_and_grad_ turns in place into the per-row loss and G = dD/dz_S (no
+    autograd graph, no third (n, V) tensor); G goes straight into the gradients of the hidden
+    states, G @ W_S, and of lm_head, Gᵀ @ H_S (weights scale the (n, D) side, not G): four matrix
+    products per chunk, the floor of any chunked loss, and a few elementwise passes. Backward only
+    scales them. Versus recomputing each chunk in backward this skips a second pair of projections,
+    for the lm_head's (V, D_S) gradient held from forward to backward. fp32 (float64 if given).
     """
 
     @staticmethod
     def forward(ctx, student_hidden, student_head, teacher_hidden, teacher_head, weights, loss,
                 beta, chunk_size):
-        grad_hidden = torch.zeros_like(student_hidden)  # (N, D_s)
-        grad_head = torch.zeros_like(student_head) if ctx.needs_input_grad[1] else None  # (V, D_s)
-        total = torch.zeros((), dtype=torch.float32, device=student_hidden.device)
-        for i in range(0, student_hidden.shape[0], chunk_size):
-            hs = student_hidden[i:i + chunk_size]  # (n, D_s)
-            zt = project(teacher_hidden[i:i + chunk_size], teacher_head)  # (n, V) fp32
-            with torch.enable_grad():  # a small graph from this chunk's logits to its loss
-                zs = project(hs, student_head).requires_grad_()  # (n, V) fp32
-                per_token = divergence(loss, zs, zt, beta)  # (n,) fp32
-                if weights is not None:
-                    per_token = per_token * weights[i:i + chunk_size]
-                g, = torch.autograd.grad(per_token.sum(), zs)  # (n, V): dD/dz_S
-            total += per_token.detach().sum()
-            with torch.autocast(hs.device.type, enabled=False):  # the gradients in fp32 too
-                grad_hidden[i:i + chunk_size] = g @ student_head.float()  # (n, D_s)
+        n_all, device = student_hidden.shape[0], student_hidden.device
+        dtype = torch.promote_types(student_hidden.dtype, torch.float32)
+        ws, wt = student_head.to(dtype), teacher_head.to(dtype)  # (V, D_s), (V, D_t)
+        rows = min(chunk_size, n_all)
+        zs_buf, zt_buf = torch.empty(2, rows, ws.shape[0], dtype=dtype, device=device)  # (n, V) each
+        grad_hidden = torch.empty_like(student_hidden)  # (N, D_s)
+        grad_head = torch.empty_like(ws) if ctx.needs_input_grad[1] else None  # (V, D_s)
+        total = torch.zeros((), dtype=dtype, device=device)
+        with torch.autocast(device.type, enabled=False):  # projections and gradients in fp32
+            for i in range(0, n_all, chunk_size):
+                hs = student_hidden[i:i + chunk_size].to(dtype)  # (n, D_s)
+                zs, zt = zs_buf[:hs.shape[0]], zt_buf[:hs.shape[0]]  # (n, V) views
+                torch.mm(hs, ws.T, out=zs)
+                torch.mm(teacher_hidden[i:i + chunk_size].to(dtype), wt.T, out=zt)
+                per_token, g, scale = closed_form.divergence_and_grad_(loss, beta, zs, zt)
+                w = weights[i:i + chunk_size].to(dtype) if weights is not None else None  # (n,)
+                total += (per_token * w).sum() if w is not None else per_token.sum()
+                row_scale = (w * scale).unsqueeze(1) if w is not None else scale  # (n, 1) or float
+                grad_hidden[i:i + chunk_size] = (g @ ws) * row_scale  # (n, D_s)
                 if grad_head is not None:
-                    grad_head += g.T @ hs.float()  # (V, D_s)
-            del zs, zt, per_token, g
-        ctx.save_for_backward(grad_hidden, grad_head)
+                    grad_head.addmm_(g.T, hs * row_scale, beta=1 if i else 0)  # (V, D_s) += Gᵀ H_S
+        ctx.grads = grad_hidden, grad_head  # not saved tensors: backward hands them on uncopied
         return total
 
     @staticmethod
-    def backward(ctx, grad_total):
-        grad_hidden, grad_head = ctx.saved_tensors
-        grad_head = grad_head * grad_total if grad_head is not None else None
-        return grad_hidden * grad_total, grad_head, None, None, None, None, None, None
+    def backward(ctx, grad_total):  # in place and released: a second (V, D_S) tensor (a copy, or
+        grad_hidden, grad_head = ctx.grads  # autograd's clone of a tensor still referenced) would
+        del ctx.grads  # double the head's share of the peak; so one backward per graph
+        grad_head = grad_head.mul_(grad_total) if grad_head is not None else None
+        return grad_hidden.mul_(grad_total), grad_head, None, None, None, None, None, None
 
 
 def chunked_divergence(student_hidden, student_head, teacher_hidden, teacher_head,
@@ -194,13 +201,15 @@ def chunked_divergence(student_hidden, student_head, teacher_hidden, teacher_hea
 
     student_hidden (N, D_s) and student_head (V_s, D_s) receive gradients; the teacher's (N, D_t)
     and (V_t, D_t) do not. Only the common leading min(V_s, V_t) rows are used (see token_stats).
-    At most `chunk_size` rows of logits exist at any time, in forward and backward alike, so peak
-    memory does not grow with N; see _ChunkedDivergence for how the gradient is formed.
+    At most `chunk_size` rows of logits exist at any time, in two (chunk, V) buffers, in forward
+    and backward alike; see _ChunkedDivergence for how the gradient is formed.
     """
+    closed_form.check(loss, beta)
     vocab = min(student_head.shape[0], teacher_head.shape[0])
-    return _ChunkedDivergence.apply(student_hidden, student_head[:vocab], teacher_hidden.detach(),
-                                    teacher_head[:vocab].detach().float(), weights, loss, beta,
-                                    chunk_size)
+    if vocab < student_head.shape[0]:  # a slice's backward would copy the whole head's gradient
+        student_head = student_head[:vocab]
+    return _ChunkedDivergence.apply(student_hidden, student_head, teacher_hidden.detach(),
+                                    teacher_head[:vocab].detach(), weights, loss, beta, chunk_size)
 
 
 def to_padded(flat, mask):

@@ -85,3 +85,13 @@ def write_jsonl(path, rows):
         for row in rows:
             f.write(json.dumps(row) + "\n")
     return str(path)
+
+
+def fp32_loss_tolerance(n_tokens, vocab):
+    """Absolute error to expect of a sum of n per-token divergences computed in fp32 (two such
+    paths differ by up to twice this). Each is a probability-weighted sum of log-probabilities of
+    size up to about log V, each carrying a rounding error of about eps·log V from its
+    log-softmax; allow 4 such errors per token (both models, the difference, the sum)."""
+    import math
+    import torch
+    return 4 * n_tokens * torch.finfo(torch.float32).eps * math.log(vocab)

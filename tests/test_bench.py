@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import bench
+from helpers import fp32_loss_tolerance
 
 
 def quick_spec(path, keep):
@@ -31,7 +32,9 @@ def test_paths_give_the_naive_loss_and_gradients(path, keep):
     loss, n_kept, grads = forward_backward(path, keep)
     batch, response = quick_spec(path, keep)["batch"], quick_spec(path, keep)["response_length"]
     assert n_kept == ref_kept == batch * max(1, int(keep * response))  # the same selection size
-    assert loss == pytest.approx(ref_loss, rel=1e-5)
+    # fp32 paths that round differently: a KL of 0.017 is a small difference of log-probabilities
+    # near -log V, so compare within fp32's own error for one token (the loss is a mean)
+    assert loss == pytest.approx(ref_loss, rel=1e-5, abs=2 * fp32_loss_tolerance(1, quick_spec(path, keep)["vocab"]))
     assert loss > 0  # random teacher and student disagree: a real, non-zero signal
     for name, g in ref_grads.items():
         assert torch.allclose(grads[name], g, atol=1e-7, rtol=1e-4), name
@@ -60,8 +63,19 @@ def test_quick_run_prints_the_table_with_ratios(tmp_path, capsys):
         assert r["kept_tokens"] == same_keep["kept_tokens"]
         assert r["loss"] == pytest.approx(same_keep["loss"], rel=1e-5)
 
-    table = [line for line in printed.splitlines() if line.startswith("| ")]
+    configurations, standing = printed.split("where the step stands:")
+    table = [line for line in configurations.splitlines() if line.startswith("| ")]
     assert "× naive" in table[0] and len(table) == 1 + len(expected)
+    summary = [line.split(" | ") for line in standing.splitlines() if line.startswith("| ")]
+    figures = {row[0][2:]: row[1] for row in summary[1:]}  # name -> value as printed
+    for loss in ("reverse_kl", "forward_kl", "jsd"):
+        assert sum(name.startswith(f"loss {loss} forward + backward") for name in figures) == 1
+        assert sum(name.startswith(f"loss {loss} working set") for name in figures) == 1
+    padding = {name: float(v) for name, v in figures.items() if name.startswith("padding")}
+    assert len(padding) == 2 and all(1.0 <= v <= 1.1 for v in padding.values())  # seeded mixes
+    chunked_half = bench.find(rows, "chunked", 0.5)
+    assert figures["step, chunked keep 0.5: peak memory / naive all-token"] == \
+        f"{chunked_half['peak_memory_ratio']:.2f}"
     assert any(line.startswith("| naive | 1 | all | off |") and "| 1.00 |" in line for line in table)
     assert sum(line.startswith("target ") for line in printed.splitlines()) == 3
     assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

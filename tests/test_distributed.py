@@ -39,7 +39,7 @@ def worker(rank, world, port, pair, out):
     share = slice(rank * 4 // world, (rank + 1) * 4 // world)  # contiguous: rank 0 first
     rollouts = Rollouts(PROMPTS[share], RESPONSES[share])
     cfg = distill.argparse.Namespace(rule="soft-or", keep=0.5, loss="reverse_kl", beta=0.5,
-                                     importance_weights=False, micro_batch_size=4, chunk_size=3,
+                                     importance_weights=False, micro_batch_size=4, micro_batch_tokens=10**6, chunk_size=3,
                                      dtype=torch.float32, pad_id=0)
     # the selection, by the same functions opd_step uses, as kept response-token indices
     ids, attn, mask = collate(rollouts.prompts, rollouts.responses, 0)

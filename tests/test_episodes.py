@@ -108,15 +108,18 @@ def test_a_training_step_on_episodes_touches_only_generated_positions(monkeypatc
     def spy(model, ids, attn):
         h = real(model, ids, attn)
         if model is student:
-            h.register_hook(lambda g: captured.setdefault("grad", g))
+            h.register_hook(lambda g: captured.setdefault("grads", []).append(g))
         return h
     monkeypatch.setattr(distill, "hidden_states", spy)
     cfg = distill.argparse.Namespace(rule="all", keep=1.0, loss="reverse_kl", beta=0.5,
-                                     importance_weights=False, micro_batch_size=2, chunk_size=7,
+                                     importance_weights=False, micro_batch_size=2, micro_batch_tokens=10**6, chunk_size=7,
                                      dtype=torch.float32, pad_id=pad_id(tok))
     metrics = distill.opd_step(student, teacher, batch, cfg, torch.Generator().manual_seed(0), {})
-    _, _, loss_mask = collate(batch.prompts, batch.responses, pad_id(tok), batch.masks)
-    assert metrics["response_tokens"] == sum(map(sum, batch.masks)) == int(loss_mask.sum())
+    parts = rollouts.micro_batches(batch, cfg.micro_batch_size, cfg.micro_batch_tokens)
+    assert metrics["response_tokens"] == sum(map(sum, batch.masks))
     assert torch.isfinite(torch.tensor(metrics["loss"])) and metrics["loss"] > 0
-    grad = captured["grad"].abs().sum(-1)  # (B, L): gradient reaching each position's hidden state
-    assert (grad[~loss_mask] == 0).all() and (grad[loss_mask] > 0).all()
+    assert len(captured["grads"]) == len(parts)  # one backward per micro-batch, in their order
+    for part, g in zip(parts, captured["grads"]):
+        _, _, loss_mask = collate(part.prompts, part.responses, pad_id(tok), part.masks, align=False)
+        grad = g.abs().sum(-1)  # (b, L): gradient reaching each position's hidden state
+        assert (grad[~loss_mask] == 0).all() and (grad[loss_mask] > 0).all()

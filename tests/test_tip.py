@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 
+import closed_form
 import tip
 
 
@@ -210,3 +211,81 @@ def test_quadrant_summary_shares():
     assert summary[3]["kl_share"] == pytest.approx(0.4)
     assert summary[4]["share"] == 2 / 6 and summary[4]["kl_share"] == pytest.approx(0.1)
     assert sum(s["share"] for s in summary.values()) == pytest.approx(1.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# The closed-form loss and gradient (closed_form.py) against autograd on the plain formula
+# ---------------------------------------------------------------------------------------------
+
+def _plain(loss, beta, zs, zt):
+    """Per-row divergence by its definition over log-softmaxes (finite where P underflows)."""
+    s, t = zs.log_softmax(-1), zt.log_softmax(-1)
+    p, q = s.exp(), t.exp()
+    if loss == "jsd" and beta == 0.0 or loss == "forward_kl":
+        return (q * (t - s)).sum(-1)
+    if loss == "jsd" and beta == 1.0 or loss == "reverse_kl":
+        return (p * (s - t)).sum(-1)
+    m = torch.logaddexp(t + math.log(beta), s + math.log(1 - beta))  # log M
+    return beta * (q * (t - m)).sum(-1) + (1 - beta) * (p * (s - m)).sum(-1)
+
+
+def _extreme_logits(n=40, v=37, seed=4):
+    """Float64 logits: ordinary rows, then rows where P_T, P_S or both underflow (-1e4 gaps),
+    rows where the two models agree exactly, and rows with one near-certain token."""
+    g = torch.Generator().manual_seed(seed)
+    zs, zt = 3 * torch.randn(n, v, generator=g, dtype=torch.float64), \
+        3 * torch.randn(n, v, generator=g, dtype=torch.float64)
+    zt[10:15, :20] -= 1e4  # the teacher gives 20 tokens probability 0 (underflow)
+    zs[15:20, 5:30] -= 1e4  # the student does
+    zt[20:25, :10] -= 1e4
+    zs[20:25, 20:] -= 1e4  # both, on different tokens
+    zs[25:30] = zt[25:30]  # identical rows: loss and gradient 0
+    zs[30:35, 3] += 60.0  # the student is sure of one token
+    return zs, zt
+
+
+LOSSES = [("reverse_kl", 0.5), ("forward_kl", 0.5), ("jsd", 0.5), ("jsd", 0.1), ("jsd", 0.9),
+          ("jsd", 0.0), ("jsd", 1.0)]
+
+
+@pytest.mark.parametrize("loss,beta", LOSSES)
+def test_closed_form_value_and_gradient_equal_autograd_in_float64(loss, beta):
+    zs, zt = _extreme_logits()
+    w = torch.rand(zs.shape[0], generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    ref_zs = zs.clone().requires_grad_()
+    ref = _plain(loss, beta, ref_zs, zt)  # (n,)
+    (ref * w).sum().backward()
+    per_row, g, scale = closed_form.divergence_and_grad_(loss, beta, zs.clone(), zt.clone())
+    grad = g * scale * w.unsqueeze(1)  # (n, V): the caller folds weights and the scale in
+    assert torch.isfinite(ref).all() and torch.isfinite(ref_zs.grad).all()
+    assert torch.isfinite(per_row).all() and torch.isfinite(grad).all()
+    assert torch.allclose(per_row, ref, rtol=1e-10, atol=1e-12)
+    assert torch.allclose(grad, ref_zs.grad, rtol=1e-9, atol=1e-12)
+    assert per_row[25:30].abs().max() < 1e-12 and grad[25:30].abs().max() < 1e-12
+    assert per_row[10:25].min() > 0.01  # the underflow rows carry a real loss
+
+
+@pytest.mark.parametrize("loss,beta", LOSSES)
+@pytest.mark.parametrize("chunk_size", [7, 100])
+def test_chunked_divergence_in_float64_is_exact_with_weights_and_underflow(loss, beta, chunk_size):
+    """With an identity head the hidden states are the logits, so the extreme rows reach the loss."""
+    zs, zt = _extreme_logits()
+    eye = torch.eye(zs.shape[1], dtype=torch.float64)  # (V, D) with D = V
+    w = torch.rand(zs.shape[0], generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    hs, ws = zs.clone().requires_grad_(), eye.clone().requires_grad_()
+    ref_hs, ref_ws = zs.clone().requires_grad_(), eye.clone().requires_grad_()
+    ref = (_plain(loss, beta, ref_hs @ ref_ws.T, zt) * w).sum()
+    ref.backward()
+    got = tip.chunked_divergence(hs, ws, zt, eye, loss, beta, chunk_size, w)
+    (2.0 * got).backward()
+    assert got.dtype == torch.float64 and got.item() == pytest.approx(ref.item(), rel=1e-10)
+    assert torch.allclose(hs.grad, 2.0 * ref_hs.grad, rtol=1e-9, atol=1e-12)
+    assert torch.allclose(ws.grad, 2.0 * ref_ws.grad, rtol=1e-9, atol=1e-12)
+
+
+def test_closed_form_refuses_what_divergence_refuses():
+    zs, zt = torch.zeros(2, 5), torch.zeros(2, 5)
+    with pytest.raises(ValueError, match="reverse_kl, forward_kl, jsd"):
+        closed_form.divergence_and_grad_("kl", 0.5, zs, zt)
+    with pytest.raises(ValueError, match="beta"):
+        tip.chunked_divergence(zs, zt, zs, zt, "jsd", 1.5)
