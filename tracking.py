@@ -170,46 +170,40 @@ def picture(tokens, step):
 # The trackers: one small adapter each, all with log(scalars, step, picture) and close()
 # ---------------------------------------------------------------------------------------------
 
-class Trackio:
+class WandbLike:
+    """log and close of a tracker with wandb's API (trackio copies it): `self.lib`, `self.run`."""
+
+    def log(self, scalars, step, picture):
+        if picture:
+            image, rows = picture
+            scalars = {**scalars, "eval/quadrants": self.lib.Image(image),
+                       "eval/quadrant_table": self.lib.Table(columns=TABLE_COLUMNS, data=rows)}
+        self.run.log(scalars, step=step)
+
+    def close(self):
+        self.run.finish()
+
+
+class Trackio(WandbLike):
     def __init__(self, run):
         import trackio
-        self.trackio = trackio
+        self.lib = trackio
         # trackio resumes a run by its name: a fresh run never takes over an older one's name
         self.run = trackio.init(project=PROJECT, name=run["name"], group=run["group"],
                                 config=run["config"], resume="allow" if run["resuming"] else "never",
                                 auto_log_cpu=False, auto_log_gpu=False, embed=False)
         run["ids"]["trackio"] = self.run.id
 
-    def log(self, scalars, step, picture):
-        if picture:
-            image, rows = picture
-            scalars = {**scalars, "eval/quadrants": self.trackio.Image(image),
-                       "eval/quadrant_table": self.trackio.Table(columns=TABLE_COLUMNS, data=rows)}
-        self.run.log(scalars, step=step)
 
-    def close(self):
-        self.run.finish()
-
-
-class Wandb:
+class Wandb(WandbLike):
     def __init__(self, run):
         import wandb
-        self.wandb = wandb
+        self.lib = wandb
         run_id = run["ids"].get("wandb")  # None: wandb draws a new one, kept for --resume
         self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", PROJECT), name=run["name"],
                               group=run["group"], id=run_id, resume="allow" if run_id else None,
                               config=run["config"], dir=os.environ.get("WANDB_DIR") or run["output_dir"])
         run["ids"]["wandb"] = self.run.id
-
-    def log(self, scalars, step, picture):
-        if picture:
-            image, rows = picture
-            scalars = {**scalars, "eval/quadrants": self.wandb.Image(image),
-                       "eval/quadrant_table": self.wandb.Table(columns=TABLE_COLUMNS, data=rows)}
-        self.run.log(scalars, step=step)
-
-    def close(self):
-        self.run.finish()
 
 
 class TensorBoard:
