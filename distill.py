@@ -64,8 +64,12 @@ def rollouts_of_step(student, tokenizer, batch, args):
     tasks, played as tool-use episodes whose masks keep only the student's own tokens."""
     if args.task == "deepplanning":
         return deepplanning.training_rollouts(student, tokenizer, batch, args)
-    return sample(student, tokenizer, batch, args.samples_per_prompt, args.max_new_tokens,
-                  args.temperature, args.top_p, args.generation_batch_size), {}
+    rollouts = sample(student, tokenizer, batch, args.samples_per_prompt, args.max_new_tokens,
+                      args.temperature, args.top_p, args.generation_batch_size)
+    if args.toy or "toy" in args.eval_benchmarks.split(","):  # the toy's items (also an explicit
+        # pair, as sweep.py passes): where the planted misconception's token sits, step by step
+        rollouts.followed = {"toy/carry": toy.carry_flags(tokenizer, rollouts)}
+    return rollouts, {}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -111,7 +115,9 @@ def opd_step(student, teacher, rollouts, cfg, generator, times, tokens=None):
     device = next(student.parameters()).device
     autocast = (torch.autocast("cuda", dtype=cfg.dtype) if device.type == "cuda"
                 and cfg.dtype != torch.float32 else contextlib.nullcontext())
-    sums = dict.fromkeys(("loss", "entropy", "reverse_kl", "n", "kept", "padded", "real"), 0.0)
+    sums = dict.fromkeys(("loss", "entropy", "reverse_kl", "n", "kept", "padded", "real",
+                          "h_threshold", "d_threshold"), 0.0)
+    followed = {}  # group name -> followed_sums, summed over micro-batches
     quads = torch.zeros(2, 5)  # token counts per quadrant (0 = not a response position): all, kept
     ws, wt = lm_head(student), lm_head(teacher)
     for part in micro_batches(rollouts, cfg.micro_batch_size, cfg.micro_batch_tokens):  # by length
@@ -122,7 +128,8 @@ def opd_step(student, teacher, rollouts, cfg, generator, times, tokens=None):
         with phase(times, "student", device), autocast:  # 3. one forward, with gradients
             h_s = hidden_states(student, ids, attn)  # (b, L, D_s)
         with phase(times, "stats", device):  # 4. from the detached hidden states, fp32 logits
-            stats = batch_statistics(h_s.detach(), ws, h_t, wt, mask, cfg.chunk_size)
+            stats, thresholds = batch_statistics(h_s.detach(), ws, h_t, wt, mask, cfg.chunk_size,
+                                                 return_thresholds=True)
         with phase(times, "select", device):  # 5. positions to train on, per rollout
             kept, weights = selection.select(cfg.rule, stats, mask, cfg.keep, generator)
         with phase(times, "loss", device):  # 6. lm_heads on kept positions only, chunked
@@ -133,7 +140,12 @@ def opd_step(student, teacher, rollouts, cfg, generator, times, tokens=None):
             # FSDP averages gradients over ranks, but each rank holds only a part of the step's
             # sum: scaling by the world size turns that average back into the sum.
             (loss_sum * world_size()).backward()
+        for name, flags in (part.followed or {}).items():  # token groups a task follows
+            marked = collate(part.prompts, part.responses, cfg.pad_id, flags, align=False)[2]
+            followed[name] = followed.get(name, 0) + followed_sums(stats, kept, mask & marked.to(device))
         sums["loss"] += loss_sum.item()
+        sums["h_threshold"] += thresholds[0] * mask.sum().item()  # token-weighted over micro-batches
+        sums["d_threshold"] += thresholds[1] * mask.sum().item()
         sums["entropy"] += stats["entropy"][mask].sum().item()
         sums["reverse_kl"] += stats["reverse_kl"][mask].sum().item()
         for key, count in (("n", mask.sum()), ("kept", kept.sum()), ("padded", attn.numel()),
@@ -162,7 +174,24 @@ def opd_step(student, teacher, rollouts, cfg, generator, times, tokens=None):
     for q in range(1, 5):
         metrics[f"q{q}_share"] = (quads[0, q] / quads[0].sum().clamp_min(1)).item()
         metrics[f"q{q}_kept_share"] = (quads[1, q] / quads[1].sum().clamp_min(1)).item()
+    metrics.update(h_threshold=sums["h_threshold"] / n, d_threshold=sums["d_threshold"] / n)
+    for name, f in followed.items():
+        f = [all_reduce_sum(v) for v in f.tolist()]  # n, kept, Q1..Q4, Σĥ, Σδ̂, Σ reverse KL
+        m = max(f[0], 1)
+        metrics.update({f"{name}/n": int(f[0]), f"{name}/kept_share": f[1] / m,
+                        **{f"{name}/q{q}_share": f[1 + q] / m for q in range(1, 5)},
+                        f"{name}/h_hat": f[6] / m, f"{name}/d_hat": f[7] / m,
+                        f"{name}/reverse_kl": f[8] / m})
     return metrics
+
+
+def followed_sums(stats, kept, marked):
+    """Counts and sums over the `marked` positions (B, L): how many, how many kept, how many in
+    each quadrant, Σ ĥ, Σ δ̂, Σ reverse KL -> (9,) on the CPU."""
+    quadrant = stats["quadrant"][marked]  # (n,)
+    return torch.tensor([marked.sum().item(), (kept & marked).sum().item(),
+                         *[(quadrant == q).sum().item() for q in range(1, 5)],
+                         *[stats[k][marked].sum().item() for k in ("h_hat", "d_hat", "reverse_kl")]])
 
 
 # ---------------------------------------------------------------------------------------------

@@ -39,6 +39,9 @@ class Rollouts:
     responses: list  # token ids after the prompt, cut after the first EOS (the EOS kept)
     masks: list = None  # per response token: 1 if the student generated it, 0 if not (None: all 1)
     truncated: list = None  # per rollout: stopped by a length limit before its end (None: unknown)
+    # Token groups a task asks to follow through training (distill logs where they sit and what
+    # the rule kept): name -> per response token 1 if in the group. The toy: {"toy/carry": ...}.
+    followed: dict = None
 
 
 def stop_ids(model, tokenizer):
@@ -116,7 +119,9 @@ def micro_batches(rollouts, max_rollouts, max_tokens, max_padding=1.1):
         parts += [big[:len(big) // 2], big[len(big) // 2:]]
     pick = lambda items, idx: [items[j] for j in sorted(idx)] if items is not None else None  # noqa: E731
     return [Rollouts(pick(rollouts.prompts, idx), pick(rollouts.responses, idx),
-                     pick(rollouts.masks, idx)) for idx in parts]
+                     pick(rollouts.masks, idx), pick(rollouts.truncated, idx),
+                     {k: pick(v, idx) for k, v in (rollouts.followed or {}).items()} or None)
+            for idx in parts]
 
 
 def position_ids(attention_mask):

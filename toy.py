@@ -72,6 +72,8 @@ from rollouts import sample
 
 DROPPED_CARRY_COLUMN = 2  # the hundreds (columns count from the units, 0)
 PARTS = ("misconception", "other")
+LINE = "0+0+0=00\n"  # every worked line has this shape
+CARRY_INDEX = len(LINE) * DROPPED_CARRY_COLUMN + len("0+0+")  # 22: the hundreds line's carry
 
 
 def make_item(a, b, misconception=False):
@@ -146,18 +148,40 @@ def make_tokenizer():
 # Supervised training and the toy's quick check
 # ---------------------------------------------------------------------------------------------
 
-def encode(tokenizer, items):
+def carry_flags(tokenizer, rollouts):
+    """Per response of `rollouts`, a 0/1 list marking the planted misconception's token: the carry
+    written into the hundreds column (CARRY_INDEX), where the right procedure carries 1 there (the
+    misconception part) and the response reached it in the worked format. The student learned to
+    write 0. The item is read back from the prompt, so any sampler's rollouts can be marked."""
+    shape = re.compile(r"(\d\+\d\+\d=\d\d\n){%d}\d\+\d\+" % DROPPED_CARRY_COLUMN)
+    flags = []
+    for prompt, response in zip(rollouts.prompts, rollouts.responses):
+        flags.append([0] * len(response))
+        numbers = re.search(r"What is (\d+) \+ (\d+)\?", tokenizer.decode(prompt))
+        part = make_item(*map(int, numbers.groups()))["part"] if numbers else None
+        if part == "misconception" and shape.fullmatch(tokenizer.decode(response[:CARRY_INDEX])) \
+                and len(response) > CARRY_INDEX:
+            flags[-1][CARRY_INDEX] = 1
+    return flags
+
+
+def encode(tokenizer, items, carry_weight=1.0):
     """Prompt + solution + <|im_end|>, right-padded. Labels are -100 on the prompt and padding,
-    so the loss is on the solution and its end-of-turn token only."""
+    so the loss is on the solution and its end-of-turn token only. Returns input_ids, labels,
+    attention mask and per-label weights (B, T): `carry_weight` on the dropped-carry token of
+    misconception items, 1 elsewhere."""
     rows = [(tokenizer(render_prompt(tokenizer, it["problem"], "problem"))["input_ids"],
              tokenizer(it["solution"] + tokenizer.eos_token)["input_ids"]) for it in items]
     T = max(len(p) + len(s) for p, s in rows)
     input_ids = torch.full((len(rows), T), tokenizer.pad_token_id)  # (B, T)
     labels = torch.full((len(rows), T), -100)  # (B, T); the model shifts them by one itself
-    for i, (p, s) in enumerate(rows):
+    weights = torch.ones(len(rows), T)  # (B, T)
+    for i, ((p, s), it) in enumerate(zip(rows, items)):
         input_ids[i, : len(p) + len(s)] = torch.tensor(p + s)
         labels[i, len(p) : len(p) + len(s)] = torch.tensor(s)
-    return input_ids, labels, (input_ids != tokenizer.pad_token_id).long()  # mask: (B, T)
+        if it["part"] == "misconception":
+            weights[i, len(p) + CARRY_INDEX] = carry_weight
+    return input_ids, labels, (input_ids != tokenizer.pad_token_id).long(), weights
 
 
 def last_boxed(text):
@@ -185,11 +209,12 @@ def part_accuracy(model, tokenizer, items):
     return {"all": sum(acc[p] * len(its) for p, its in parts.items()) / len(items), **acc}
 
 
-def train(model, tokenizer, items, steps, lr, s, seed, desc, snapshot_at=None):
+def train(model, tokenizer, items, steps, lr, s, seed, desc, snapshot_at=None, carry_weight=1.0):
     """`steps` of AdamW on `items` (batches of s["batch_size"] drawn from `seed`): a linear
-    warm-up, then a cosine decay to 10% of `lr` at the last step. A fixed budget, not a target
-    accuracy: a build never looks at a score to decide when to stop. Returns a copy of the
-    weights after step `snapshot_at` (or None)."""
+    warm-up, then a cosine decay to 10% of `lr` at the last step. The loss is the cross-entropy
+    summed with encode()'s weights over the labelled tokens, divided by their number. A fixed
+    budget, not a target accuracy: a build never looks at a score to decide when to stop. Returns
+    a copy of the weights after step `snapshot_at` (or None)."""
     rng, snapshot = random.Random(seed), None
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1)
     warmup = max(1, steps // 20)
@@ -197,8 +222,12 @@ def train(model, tokenizer, items, steps, lr, s, seed, desc, snapshot_at=None):
     schedule = torch.optim.lr_scheduler.LambdaLR(opt, factor)
     model.train()
     for step in (bar := tqdm(range(1, steps + 1), desc=desc)):
-        input_ids, labels, mask = encode(tokenizer, rng.sample(items, s["batch_size"]))  # (B, T)
-        loss = model(input_ids=input_ids, attention_mask=mask, labels=labels).loss
+        input_ids, labels, mask, weights = encode(tokenizer, rng.sample(items, s["batch_size"]),
+                                                  carry_weight)  # (B, T) each
+        logits = model(input_ids=input_ids, attention_mask=mask).logits[:, :-1]  # (B, T-1, V)
+        ce = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels[:, 1:],
+                                               reduction="none")  # (B, T-1), 0 where -100
+        loss = (ce * weights[:, 1:]).sum() / (labels[:, 1:] != -100).sum()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
@@ -220,12 +249,12 @@ def train(model, tokenizer, items, steps, lr, s, seed, desc, snapshot_at=None):
 DISTILL_DEFAULTS = dict(lr=1e-3, steps=150, prompts_per_step=8, samples_per_prompt=4,
                         max_new_tokens=48, micro_batch_size=32, generation_batch_size=128,
                         warmup_steps=10)
-FORMAT_VERSION = 2  # bump whenever the code changes what a build produces: old caches go stale
+FORMAT_VERSION = 3  # bump whenever the code changes what a build produces: old caches go stale
 SETTINGS = dict(
     model=dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4,
                num_attention_heads=4, num_key_value_heads=2, head_dim=32),
-    n_train=20000, n_heldout=500, steps=400, batch_size=32, lr=3e-3,
-    student_from_step=175, student_steps=100, student_lr=3e-3, threads=1,
+    n_train=20000, n_heldout=500, steps=800, batch_size=32, lr=3e-3,
+    student_from_step=175, student_steps=100, student_lr=3e-3, carry_weight=100.0, threads=1,
 )
 QUICK = dict(  # a build of a few seconds for the tests: the same code path, tiny everything
     model=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
@@ -275,7 +304,7 @@ def train_pair(tokenizer, train_items, s, seed):
     wrong = [make_item(*map(int, re.findall(r"\d+", item["problem"])), misconception=True)
              for item in train_items]
     train(student, tokenizer, wrong, s["student_steps"], s["student_lr"], s, seed + 1,
-          "toy: student (misconception)")
+          "toy: student (misconception)", carry_weight=s["carry_weight"])
     return teacher, student
 
 

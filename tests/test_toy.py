@@ -126,8 +126,12 @@ def test_splits_are_deterministic_and_disjoint():
 
 def test_encode_trains_on_the_solution_and_end_of_turn_only():
     tok = toy.make_tokenizer()
-    items = [toy.make_item(1, 2), toy.make_item(123, 456)]  # two lengths: one row is padded
-    input_ids, labels, mask = toy.encode(tok, items)
+    items = [toy.make_item(1, 2), toy.make_item(123, 456), toy.make_item(478, 657, True)]
+    input_ids, labels, mask, weights = toy.encode(tok, items, carry_weight=7.0)  # lengths differ
+    assert [it["part"] for it in items] == ["other", "other", "misconception"]
+    n = len(tok(prompt(tok, items[2]["problem"]))["input_ids"])
+    assert tok.decode(input_ids[2, n + toy.CARRY_INDEX]) == "0"  # the dropped carry: 4+6+0=10
+    assert weights[2, n + toy.CARRY_INDEX] == 7.0 and weights.sum() == weights.numel() - 1 + 7.0
     for i, item in enumerate(items):
         prompt_ids = tok(prompt(tok, item["problem"]))["input_ids"]
         target_ids = tok(item["solution"] + "<|im_end|>")["input_ids"]
@@ -137,6 +141,19 @@ def test_encode_trains_on_the_solution_and_end_of_turn_only():
         assert (labels[i, :n] == -100).all() and (labels[i, n + m :] == -100).all()
         assert (input_ids[i, n + m :] == tok.pad_token_id).all()
         assert mask[i].tolist() == [1] * (n + m) + [0] * (input_ids.shape[1] - n - m)
+
+
+def test_carry_flags_mark_the_hundreds_carry_of_misconception_items_only():
+    tok = toy.make_tokenizer()
+    items = [toy.make_item(478, 657), toy.make_item(478, 657, True), toy.make_item(123, 456),
+             toy.make_item(478, 657)]
+    prompts = [tok(prompt(tok, it["problem"]))["input_ids"] for it in items]
+    responses = [tok(it["solution"])["input_ids"] for it in items]
+    responses[3] = tok("8+7+0=15\n7+5+1=13\n4+6")["input_ids"] + responses[3][20:]  # off-format
+    flags = toy.carry_flags(tok, Rollouts(prompts, responses))
+    marked = [[i for i, f in enumerate(row) if f] for row in flags]
+    assert marked == [[toy.CARRY_INDEX], [toy.CARRY_INDEX], [], []]
+    assert [tok.decode(responses[b][toy.CARRY_INDEX]) for b in (0, 1)] == ["1", "0"]
 
 
 # ---------------------------------------------------------------------------------------------
