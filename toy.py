@@ -1,52 +1,37 @@
-"""The embedded toy world: a synthetic arithmetic task, a character-level tokenizer and two small
-Qwen3 models trained on the CPU, so that `python distill.py` distils a real student, no download.
+"""The toy pair: two small Qwen3 models (~0.8M parameters) on the toy task (toy_task.py), so that
+`python distill.py` distils a real student on a laptop CPU, no download.
 
-    python toy.py                     # build teacher + student once (minutes on 2 CPU cores)
-    python toy.py --cache-dir DIR     # build elsewhere (or set TIP_TOY_CACHE); --force rebuilds
+    python toy.py                     # install the shipped pair into the cache (seconds)
+    python toy.py --force             # train it anew on this machine (minutes on one core)
+    python toy.py --cache-dir DIR --seed 3 # another pair elsewhere (or set TIP_TOY_CACHE)
+    python toy.py ship                # maintainers: commit the cache's seed-0 pair as data/toy_pair
 
-Contract (what the other files import):
-  make_problems(n, seed)            n distinct items {"problem", "solution", "answer", "part"}
-  make_tokenizer()                  a PreTrainedTokenizerFast, one token per character, Qwen chat
-                                    template and special tokens (eos <|im_end|>, pad <|endoftext|>)
-  build(cache_dir, seed, force)     train and save both -> (teacher_dir, student_dir); reuses a
-                                    valid cache; a build appears whole (temp folder, then rename)
+Contract (what the other files import; the task's names are re-exported from toy_task):
+  build(cache_dir, seed, force)     the pair in the cache -> (teacher_dir, student_dir): reused,
+                                    installed from data/toy_pair, or trained; a build appears
+                                    whole (temp folder, then rename); another pair there is refused
   split_path(name), load_split(..)  the "train" / "heldout" JSONL splits that build() wrote
-  greedy_accuracy(model, tok, ..)   the toy's own quick check; evaluate.py does the real grading
   DISTILL_DEFAULTS                  the laptop settings of `python distill.py` on the toy pair
 
-The task is shaped like MATH: a question, a short worked solution, a final `\\boxed{answer}`. Each
-item adds two three-digit numbers column by column from the right, carrying as in school, and the
-answer is read back from the columns:
+How the pair is made: the teacher is trained on the right solutions for `steps`. The student is
+the teacher's run at `student_from_step` (a fixed step, not a target accuracy), then
+`student_steps` more supervised steps on the same problems worked with the dropped carry, the loss
+at the dropped carry weighted `carry_weight` times. The weight makes the misconception confident:
+about half of all response tokens are format characters the student never doubts, so the median
+entropy split sits very low, and a carry token learned with an ordinary weight lands just above it
+or just below it depending on the CPU (Q1 or Q3 by a hair). Weighted, it sits far below. Same
+architecture and tokenizer, so the student has the capacity to catch up under on-policy
+distillation, and both kinds of mistake are its own most likely tokens.
 
-    What is 478 + 657?      8+7+0=15        each column: digit + digit + carry in = two-digit sum
-                            7+5+1=13
-                            4+6+1=11        the misconception writes 4+6+0=10 here ...
-                            \\boxed{1135}    ... and so boxes 1035
+Why a shipped pair: a pair trained on another CPU is another pair (AVX-512, AVX2 and ARM kernels
+round differently, and a few ulps early in training move the student by points). data/toy_pair
+holds the seed-0 pair the README's figures come from; its stamp carries the key of the settings
+and of the source of the functions that build it (BUILD_CODE), and a test fails when the two part.
 
-Every line has the same width (the carry is written even when it is 0, the sum always has two
-digits), so each digit a model must look up sits at a fixed distance. A 0.8M-parameter model then
-learns the task in a few hundred steps.
-
-The student makes two kinds of mistake, the two kinds TIP is about:
-  - a misconception, confident and wrong (Q3): it never carries into the hundreds column (the
-    carry it writes there is always 0). Every problem whose tens column carries (about half of
-    them, `part` "misconception") then gets a wrong answer, and at that one token the student is
-    near-certain (it learned the 0 from data) while the teacher gives it almost no probability.
-  - slips, uncertain (Q1): it is undertrained, so it sometimes gets a digit sum or a read-back
-    wrong with moderate entropy, on both parts.
-How: the teacher is trained on the right solutions for `steps`. The student is the teacher's run at
-`student_from_step` (a fixed step, not a target accuracy: a probe crossing amplified float
-differences between CPUs), then `student_steps` more supervised steps on the same problems worked
-with the dropped carry. Same architecture and tokenizer, so the student has the capacity to catch
-up under on-policy distillation, and both kinds of mistake are its own most likely tokens.
-
-Notation: B items in a batch, T positions, V vocabulary (96 characters + 3 special tokens = 99).
-
-Departures from the paper (Qwen3-8B -> Qwen3-4B on MATH): everything here is a toy, and the
-misconception is planted on purpose, so that the low-entropy, high-divergence quadrant (Q3) holds a
-known share of the learning signal instead of whatever a short run happens to leave.
+Notation: B items in a batch, T positions, V vocabulary (99).
 """
 import hashlib
+import inspect
 import json
 import math
 import os
@@ -57,113 +42,18 @@ import tempfile
 import time
 
 import torch
-from tokenizers import Tokenizer, decoders, models
 from tqdm import tqdm
-from transformers import PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
+from transformers import Qwen3Config, Qwen3ForCausalLM
 
-# The prompt is loading.py's (problem + INSTRUCTION in the chat template), so the toy models are
-# trained on exactly the text that distill.py and evaluate.py feed them.
-from loading import ArgumentParser, INSTRUCTION, format_problem, render_prompt  # noqa: F401 (re-exported)
+from loading import ArgumentParser, render_prompt
 from rollouts import sample
+from toy_task import (CARRY_INDEX, CHARACTERS, PARTS, SPECIAL_TOKENS, carry_flags,  # noqa: F401
+                      greedy_accuracy, last_boxed, make_item, make_problems, make_splits,
+                      make_tokenizer, part_accuracy)  # (re-exported: the task's names)
 
 # ---------------------------------------------------------------------------------------------
-# The task
+# Supervised training
 # ---------------------------------------------------------------------------------------------
-
-DROPPED_CARRY_COLUMN = 2  # the hundreds (columns count from the units, 0)
-PARTS = ("misconception", "other")
-LINE = "0+0+0=00\n"  # every worked line has this shape
-CARRY_INDEX = len(LINE) * DROPPED_CARRY_COLUMN + len("0+0+")  # 22: the hundreds line's carry
-
-
-def make_item(a, b, misconception=False):
-    """One item: `a + b` worked column by column from the units, as fixed-width lines. With
-    `misconception`, the student's wrong procedure: the carry into the hundreds column is dropped
-    (written 0), and the rest follows from the lines as written. `part` says whether the right
-    procedure carries into the hundreds, i.e. whether the misconception changes the item."""
-    width = max(len(str(a)), len(str(b)))  # the shorter number gets leading zeros: 0 + digit
-    lines, written, carry, part = [], [], 0, "other"
-    for col, (x, y) in enumerate(zip(map(int, str(a).zfill(width)[::-1]),
-                                     map(int, str(b).zfill(width)[::-1]))):
-        if col == DROPPED_CARRY_COLUMN and carry:
-            part = "misconception"
-            carry = 0 if misconception else carry  # the one wrong step: a carry it never writes
-        total = x + y + carry
-        lines.append(f"{x}+{y}+{carry}={total:02d}")  # e.g. 4+6+1=11
-        written.append(str(total % 10))
-        carry = total // 10
-    answer = ("1" if carry else "") + "".join(reversed(written))  # a last carry becomes a digit
-    solution = "\n".join(lines + [f"\\boxed{{{answer}}}"])
-    return {"problem": f"What is {a} + {b}?", "solution": solution, "answer": answer, "part": part}
-
-
-def make_problems(n, seed=0):
-    """`n` distinct items (no problem text repeats), drawn reproducibly from `seed`."""
-    rng = random.Random(seed)
-    items, seen = [], set()
-    while len(items) < n:
-        item = make_item(rng.randint(100, 999), rng.randint(100, 999))
-        if item["problem"] not in seen:
-            seen.add(item["problem"])
-            items.append(item)
-    return items
-
-
-def make_splits(seed, n_train, n_heldout):
-    """Train and held-out cut from one list of distinct problems, so they never share a problem."""
-    items = make_problems(n_heldout + n_train, seed)
-    return items[n_heldout:], items[:n_heldout]
-
-
-# ---------------------------------------------------------------------------------------------
-# The tokenizer: one token per printable ASCII character or newline, after the three Qwen special
-# tokens. A BPE model with no merges is exactly a character-level tokenizer. Characters outside
-# the vocabulary are dropped silently (BPE without an unknown token): the task never has any.
-# ---------------------------------------------------------------------------------------------
-
-SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]  # ids 0, 1, 2
-CHARACTERS = "\n" + "".join(chr(c) for c in range(32, 127))
-
-# Qwen's template without tools and thinking. `enable_thinking` and any other keyword passed to
-# apply_chat_template reach jinja as unused variables, so they are accepted and ignored.
-CHAT_TEMPLATE = (
-    "{%- for message in messages %}"
-    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
-    "{%- endfor %}"
-    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
-)
-
-
-def make_tokenizer():
-    vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS + list(CHARACTERS))}
-    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    backend.decoder = decoders.Fuse()  # join the characters back with nothing in between
-    return PreTrainedTokenizerFast(
-        tokenizer_object=backend, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-        additional_special_tokens=["<|im_start|>"], chat_template=CHAT_TEMPLATE,
-        clean_up_tokenization_spaces=False)
-
-
-# ---------------------------------------------------------------------------------------------
-# Supervised training and the toy's quick check
-# ---------------------------------------------------------------------------------------------
-
-def carry_flags(tokenizer, rollouts):
-    """Per response of `rollouts`, a 0/1 list marking the planted misconception's token: the carry
-    written into the hundreds column (CARRY_INDEX), where the right procedure carries 1 there (the
-    misconception part) and the response reached it in the worked format. The student learned to
-    write 0. The item is read back from the prompt, so any sampler's rollouts can be marked."""
-    shape = re.compile(r"(\d\+\d\+\d=\d\d\n){%d}\d\+\d\+" % DROPPED_CARRY_COLUMN)
-    flags = []
-    for prompt, response in zip(rollouts.prompts, rollouts.responses):
-        flags.append([0] * len(response))
-        numbers = re.search(r"What is (\d+) \+ (\d+)\?", tokenizer.decode(prompt))
-        part = make_item(*map(int, numbers.groups()))["part"] if numbers else None
-        if part == "misconception" and shape.fullmatch(tokenizer.decode(response[:CARRY_INDEX])) \
-                and len(response) > CARRY_INDEX:
-            flags[-1][CARRY_INDEX] = 1
-    return flags
-
 
 def encode(tokenizer, items, carry_weight=1.0):
     """Prompt + solution + <|im_end|>, right-padded. Labels are -100 on the prompt and padding,
@@ -182,31 +72,6 @@ def encode(tokenizer, items, carry_weight=1.0):
         if it["part"] == "misconception":
             weights[i, len(p) + CARRY_INDEX] = carry_weight
     return input_ids, labels, (input_ids != tokenizer.pad_token_id).long(), weights
-
-
-def last_boxed(text):
-    found = re.findall(r"\\boxed\{([^{}]*)\}", text)
-    return found[-1] if found else None
-
-
-@torch.no_grad()
-def greedy_accuracy(model, tokenizer, items, batch_size=128, max_new_tokens=48):
-    """Share of `items` whose greedy answer boxes exactly the right answer string. This is the
-    toy's own quick check (integers only); evaluate.py grades real benchmarks. The longest
-    solution is 40 tokens with its <|im_end|>, so 48 new tokens never cut a right answer."""
-    prompts = [tokenizer(render_prompt(tokenizer, it["problem"], "problem"),
-                         add_special_tokens=False)["input_ids"] for it in items]
-    rollouts = sample(model, tokenizer, prompts, 1, max_new_tokens, temperature=0.0,
-                      batch_size=batch_size)  # rollouts.sample: the one sampling code path
-    texts = tokenizer.batch_decode(rollouts.responses, skip_special_tokens=True)
-    return sum(last_boxed(t) == it["answer"] for t, it in zip(texts, items)) / len(items)
-
-
-def part_accuracy(model, tokenizer, items):
-    """greedy_accuracy on each part of `items` and on all of them: {"all", "misconception", ...}."""
-    parts = {p: [it for it in items if it["part"] == p] for p in PARTS}
-    acc = {p: greedy_accuracy(model, tokenizer, its) if its else 0.0 for p, its in parts.items()}
-    return {"all": sum(acc[p] * len(its) for p, its in parts.items()) / len(items), **acc}
 
 
 def train(model, tokenizer, items, steps, lr, s, seed, desc, snapshot_at=None, carry_weight=1.0):
@@ -261,9 +126,15 @@ QUICK = dict(  # a build of a few seconds for the tests: the same code path, tin
                num_attention_heads=2, num_key_value_heads=1, head_dim=16),
     n_train=64, n_heldout=16, steps=4, batch_size=8, student_from_step=2, student_steps=2,
 )
-FILES = ["stamp.json", "train.jsonl", "heldout.jsonl"] + [
+SHIPPED_FILES = ["stamp.json"] + [f"{who}/{name}" for who in ("teacher", "student")
+                                  for name in ("config.json", "model.safetensors")]
+FILES = SHIPPED_FILES + ["train.jsonl", "heldout.jsonl"] + [
     f"{who}/{name}" for who in ("teacher", "student")
-    for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")]
+    for name in ("tokenizer.json", "tokenizer_config.json")]
+# The seed-0 pair, built once and committed: float kernels differ between CPUs (AVX-512, AVX2,
+# ARM), and so does a pair trained on them; installing this one gives every machine the same.
+SHIPPED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "toy_pair")
+SAMPLE_PROMPTS = 64  # x 4 rollouts in SHIPPED/sample.json
 
 
 def default_cache_dir():
@@ -281,9 +152,9 @@ def load_split(name, cache_dir=None):
         return [json.loads(line) for line in f if line.strip()]
 
 
-def read_stamp(cache_dir):
-    """The stamp of a complete build in cache_dir, or None."""
-    if not all(os.path.isfile(os.path.join(cache_dir, f)) for f in FILES):
+def read_stamp(cache_dir, files=FILES):
+    """The stamp of a complete build in cache_dir (all of `files` there), or None."""
+    if not all(os.path.isfile(os.path.join(cache_dir, f)) for f in files):
         return None
     with open(os.path.join(cache_dir, "stamp.json")) as f:
         return json.load(f)
@@ -308,17 +179,51 @@ def train_pair(tokenizer, train_items, s, seed):
     return teacher, student
 
 
+class CacheMismatch(FileExistsError):
+    """The cache folder holds a toy pair built with other settings: refused, never replaced."""
+
+
+# The source of the functions that make the data and train the pair, read once at import.
+BUILD_CODE = "".join(inspect.getsource(f) for f in (make_item, make_problems, make_splits,
+                                                    make_tokenizer, encode, train, train_pair))
+
+
+def build_key(s):
+    """What a build depends on: the format version, its settings and BUILD_CODE. Editing any of
+    them makes every cache, and the pair shipped in the repository, stale (a test compares the
+    shipped stamp with this key)."""
+    return hashlib.sha256(json.dumps([FORMAT_VERSION, s, BUILD_CODE], sort_keys=True)
+                          .encode()).hexdigest()[:16]
+
+
+def mismatch(cache_dir, old, s):
+    """The one line that refuses a cache of other settings, saying how to use it or rebuild it."""
+    differ = [f"{k} {old['settings'].get(k)} (asked {s[k]})" for k in s if old["settings"].get(k) != s[k]]
+    what = ", ".join(differ) or (f"format {old.get('format')} (now {FORMAT_VERSION})"
+                                 if old.get("format") != FORMAT_VERSION else "older build code")
+    teacher, student = (os.path.join(cache_dir, who) for who in ("teacher", "student"))
+    return CacheMismatch(
+        f"{cache_dir} holds a toy pair built with other settings ({what}); use it with --teacher "
+        f"{teacher} --student {student} --dataset {split_path('train', cache_dir)}, or replace it "
+        f"with `python toy.py --force --cache-dir {cache_dir}" + (f" --seed {s['seed']}`"
+                                                                  if s["seed"] else "`"))
+
+
 def build(cache_dir=None, seed=0, force=False, quick=False):
-    """Train the teacher (and take the student from its run) and save both, the tokenizer and the
-    splits under cache_dir -> (teacher_dir, student_dir). Skipped when the cache holds a complete
-    build of the same settings, format version and seed; `quick` is the tiny build of the tests."""
+    """The pair in cache_dir -> (teacher_dir, student_dir): reused when the cache holds a complete
+    build of the same key, installed from the shipped pair (SHIPPED) when that has the key, else
+    trained (the teacher, and the student from its run) and saved with the tokenizer and splits.
+    `force` always trains, over whatever toy cache is there. A cache of another key is refused
+    (CacheMismatch), never replaced without `force`. `quick` is the tiny build of the tests."""
     cache_dir = os.path.abspath(cache_dir or default_cache_dir())
     dirs = os.path.join(cache_dir, "teacher"), os.path.join(cache_dir, "student")
     s = {**SETTINGS, **(QUICK if quick else {}), "seed": seed}
-    key = hashlib.sha256(json.dumps([FORMAT_VERSION, s], sort_keys=True).encode()).hexdigest()[:16]
+    key = build_key(s)
     old = read_stamp(cache_dir)
     if old and old["key"] == key and not force:
         return dirs
+    if old and not force:
+        raise mismatch(cache_dir, old, s)
     if os.path.isdir(cache_dir) and os.listdir(cache_dir) and not os.path.isfile(
             os.path.join(cache_dir, "stamp.json")):  # never delete a folder we did not write
         raise FileExistsError(f"{cache_dir} is not empty and is not a toy cache: not replacing it")
@@ -326,16 +231,26 @@ def build(cache_dir=None, seed=0, force=False, quick=False):
     t0 = time.time()
     tokenizer = make_tokenizer()
     train_items, heldout = make_splits(seed, s["n_train"], s["n_heldout"])
-    # The pair is trained on s["threads"] threads whatever the machine has: the thread count sets
-    # the float reduction order, and a few ulps early in training move the student by points.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(s["threads"])
-    try:
-        teacher, student = train_pair(tokenizer, train_items, s, seed)
-        accuracy = {who: part_accuracy(m, tokenizer, heldout)
-                    for who, m in (("teacher", teacher), ("student", student))}
-    finally:
-        torch.set_num_threads(threads)
+    shipped = read_stamp(SHIPPED, SHIPPED_FILES)
+    if shipped and shipped["key"] == key and not force:  # the README's pair: the same everywhere
+        teacher, student = (Qwen3ForCausalLM.from_pretrained(os.path.join(SHIPPED, who))
+                            for who in ("teacher", "student"))
+        stamp = {**shipped, "installed_from": "data/toy_pair"}
+    else:
+        # The pair is trained on s["threads"] threads whatever the machine has: the thread count
+        # sets the float reduction order, and a few ulps early in training move the student by
+        # points. The CPU's kernels still do (docs/toy.md): hence the shipped pair.
+        threads = torch.get_num_threads()
+        torch.set_num_threads(s["threads"])
+        try:
+            teacher, student = train_pair(tokenizer, train_items, s, seed)
+            accuracy = {who: part_accuracy(m, tokenizer, heldout)
+                        for who, m in (("teacher", teacher), ("student", student))}
+        finally:
+            torch.set_num_threads(threads)
+        stamp = {"key": key, "format": FORMAT_VERSION, "settings": s, "heldout_accuracy": accuracy,
+                 "build_seconds": round(time.time() - t0, 1), "torch": torch.__version__,
+                 "cpu_capability": torch.backends.cpu.get_cpu_capability()}
 
     # Write everything into a temporary sibling folder, then swap it in with renames: a build
     # killed at any point leaves either the old cache or the new one, never a half-written one.
@@ -349,8 +264,6 @@ def build(cache_dir=None, seed=0, force=False, quick=False):
         for split, items in (("train", train_items), ("heldout", heldout)):
             with open(split_path(split, tmp), "w") as f:
                 f.writelines(json.dumps(item) + "\n" for item in items)
-        stamp = {"key": key, "format": FORMAT_VERSION, "settings": s, "heldout_accuracy": accuracy,
-                 "build_seconds": round(time.time() - t0, 1)}
         with open(os.path.join(tmp, "stamp.json"), "w") as f:
             json.dump(stamp, f, indent=1)
         done = read_stamp(cache_dir)
@@ -365,32 +278,67 @@ def build(cache_dir=None, seed=0, force=False, quick=False):
     return dirs
 
 
+def ship(cache_dir):
+    """Copy the seed-0 pair built in cache_dir into the repository (SHIPPED): both models' weights
+    and configs and the stamp. Maintainers run it after a change that makes the stamp stale."""
+    stamp = read_stamp(cache_dir)
+    if not stamp or stamp["key"] != build_key({**SETTINGS, "seed": 0}):
+        raise CacheMismatch(f"{cache_dir} holds no current seed-0 build: run `python toy.py --force "
+                            f"--cache-dir {cache_dir}` first")
+    tmp = tempfile.mkdtemp(prefix="toy_pair.tmp-", dir=os.path.dirname(SHIPPED))
+    try:
+        for f in SHIPPED_FILES:
+            os.makedirs(os.path.dirname(os.path.join(tmp, f)), exist_ok=True)
+            shutil.copyfile(os.path.join(cache_dir, f), os.path.join(tmp, f))
+        # A fixed sample of the student's rollouts, for the test that pins the pair's Q3 share.
+        tokenizer, student = make_tokenizer(), Qwen3ForCausalLM.from_pretrained(
+            os.path.join(cache_dir, "student"))
+        prompts = [tokenizer(render_prompt(tokenizer, it["problem"], "problem"))["input_ids"]
+                   for it in load_split("heldout", cache_dir)[:SAMPLE_PROMPTS]]
+        torch.manual_seed(0)
+        rollouts = sample(student.eval(), tokenizer, prompts, 4, DISTILL_DEFAULTS["max_new_tokens"])
+        with open(os.path.join(tmp, "sample.json"), "w") as f:
+            json.dump({"prompts": rollouts.prompts, "responses": rollouts.responses}, f)
+        if os.path.exists(SHIPPED):
+            os.replace(SHIPPED, tmp + ".old")
+        os.replace(tmp, SHIPPED)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(tmp + ".old", ignore_errors=True)
+
+
 def main(argv=None):
     p = ArgumentParser(description="Build the toy teacher/student pair (`python sweep.py`: the "
                        "rule sweep on it).")
-    p.add_argument("command", nargs="?", default="build", choices=["build"],
-                   help="build: train and save the pair, or reuse a valid cache")
+    p.add_argument("command", nargs="?", default="build", choices=["build", "ship"],
+                   help="build: install the shipped pair, reuse a valid cache, or train; ship: "
+                   "copy the cache's seed-0 pair into data/toy_pair (maintainers)")
     p.add_argument("--cache-dir", default=None, help="cache folder (default: $TIP_TOY_CACHE, "
                    "else .cache/toy next to toy.py)")
     p.add_argument("--seed", type=int, default=0, help="seed of the splits, weights and batches")
-    p.add_argument("--force", action="store_true", help="rebuild even if the cache is valid")
+    p.add_argument("--force", action="store_true", help="train anew, replacing the toy cache there")
     args = p.parse_args(argv)
     cache_dir = os.path.abspath(args.cache_dir or default_cache_dir())
-    print(f"toy: build cache_dir={cache_dir} seed={args.seed} force={args.force} "
-          f"torch_threads={torch.get_num_threads()} settings={json.dumps(SETTINGS)}")
     try:
+        if args.command == "ship":
+            ship(cache_dir)
+            return print(f"toy: shipped {cache_dir} to {SHIPPED}")
+        print(f"toy: build cache_dir={cache_dir} seed={args.seed} force={args.force} "
+              f"torch_threads={torch.get_num_threads()} settings={json.dumps(SETTINGS)}")
         teacher_dir, student_dir = build(cache_dir, seed=args.seed, force=args.force)
     except (FileExistsError, PermissionError, NotADirectoryError) as e:
-        p.exit(2, f"error: cannot build the toy pair in {cache_dir}: {e}\n")
+        p.exit(2, f"error: {e}\n")
     stamp = read_stamp(cache_dir)  # the numbers of the build, even when it was reused
     s = stamp["settings"]
     for who, acc in stamp["heldout_accuracy"].items():
         print(f"toy: {who} greedy held-out accuracy on {s['n_heldout']} problems: "
               f"{100 * acc['all']:.1f}% (" + ", ".join(f"{p} {100 * acc[p]:.1f}%" for p in PARTS)
               + ")")
-    print(f"toy: built in {stamp['build_seconds']:.0f}s on {s['threads']} torch thread(s); "
-          f"{teacher_dir}, {student_dir}, {split_path('train', cache_dir)}, "
-          f"{split_path('heldout', cache_dir)}")
+    how = (f"installed from {stamp['installed_from']} (trained in {stamp['build_seconds']:.0f}s on "
+           f"{stamp['cpu_capability']})" if "installed_from" in stamp else
+           f"trained in {stamp['build_seconds']:.0f}s")
+    print(f"toy: {how} on {s['threads']} torch thread(s); {teacher_dir}, {student_dir}, "
+          f"{split_path('train', cache_dir)}, {split_path('heldout', cache_dir)}")
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import analysis
+import loading
 import distill
 import tip
 from helpers import make_tiny_pair, write_jsonl
@@ -144,7 +145,7 @@ def test_first_wrong_quadrants_finds_the_first_departure_from_the_reference():
                  ids(records[0]["solution"]),                                   # right
                  ids(records[1]["solution"].replace("2+5+0=07", "2+5+0=08").replace("579", "589")),
                  ids(records[1]["solution"].replace("{579}", "{679}"))]         # read back wrong
-    prompts = [tok(toy.render_prompt(tok, r["problem"], "problem"))["input_ids"] for r in records
+    prompts = [tok(loading.render_prompt(tok, r["problem"], "problem"))["input_ids"] for r in records
                for _ in range(2)]
     rollouts = Rollouts(prompts, responses)
     _, _, mask = collate(prompts, responses, tok.pad_token_id)  # (4, L)

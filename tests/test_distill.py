@@ -120,6 +120,35 @@ def _cfg(tok, **kw):
     return distill.argparse.Namespace(**base)
 
 
+def test_followed_token_groups_are_logged_where_they_sit(pair):
+    """A task's followed tokens (the toy's carry): their quadrant shares, kept share and means are
+    the hand count over the same statistics and selection; micro-batches keep them aligned."""
+    tok, teacher, student = load_pair(pair)
+    rollouts = rollouts_for(tok, student)
+    rollouts.followed = {"g": [[int(i % 3 == 1) for i in range(len(r))] for r in rollouts.responses]}
+    cfg = _cfg(tok, rule="entropy", keep=0.5)
+    m = distill.opd_step(student, teacher, rollouts, cfg, torch.Generator().manual_seed(5), {})
+    ids, attn, mask = collate(rollouts.prompts, rollouts.responses, cfg.pad_id, align=False)
+    marked = collate(rollouts.prompts, rollouts.responses, cfg.pad_id, rollouts.followed["g"],
+                     align=False)[2]
+    with torch.no_grad():
+        stats, thresholds = distill.batch_statistics(
+            hidden_states(student, ids, attn), lm_head(student), hidden_states(teacher, ids, attn),
+            lm_head(teacher), mask, 512, return_thresholds=True)
+    kept, _ = selection.select("entropy", stats, mask, 0.5, torch.Generator().manual_seed(5))
+    n = int(marked.sum())
+    assert m["g/n"] == n == sum(map(sum, rollouts.followed["g"])) > 0
+    assert m["g/kept_share"] == pytest.approx((kept & marked).sum().item() / n)
+    for q in range(1, 5):
+        assert m[f"g/q{q}_share"] == pytest.approx((stats["quadrant"][marked] == q).sum().item() / n)
+    for key in ("h_hat", "d_hat", "reverse_kl"):
+        assert m[f"g/{key}"] == pytest.approx(stats[key][marked].mean().item(), rel=1e-4)
+    assert (m["h_threshold"], m["d_threshold"]) == pytest.approx(thresholds, rel=1e-4)
+    one_each = distill.opd_step(student, teacher, rollouts, _cfg(tok, micro_batch_size=1),
+                                torch.Generator().manual_seed(5), {})
+    assert one_each["g/n"] == n and one_each["g/kept_share"] == 1.0  # rule "all" keeps every one
+
+
 def test_micro_batching_does_not_change_the_gradient(pair):
     """By rollout count and by token budget (sorted by length, cut differently): the same update."""
     tok, teacher, student = load_pair(pair)

@@ -1,5 +1,6 @@
 """toy.py: the tokenizer, the task, the quick check, and a tiny build that saves, reloads, is
 reproducible and is cached. The real build (minutes) is only checked when it already exists."""
+import importlib
 import os
 import re
 import shutil
@@ -8,14 +9,16 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+import loading
 import toy
+import toy_task
 from rollouts import Rollouts
 
 SPECIALS = r"<\|im_(?:start|end)\|>"
 
 
 def prompt(tok, problem):
-    return toy.render_prompt(tok, problem, "problem")
+    return loading.render_prompt(tok, problem, "problem")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -57,7 +60,7 @@ def test_chat_template_is_qwen_style():
     assert prompt(tok, "What is 1 + 2?") == (
         "<|im_start|>user\nWhat is 1 + 2?\nPlease reason step by step, and put your final "
         "answer within \\boxed{}.<|im_end|>\n<|im_start|>assistant\n")
-    assert toy.format_problem("Q") == "Q\n" + toy.INSTRUCTION
+    assert loading.format_problem("Q") == "Q\n" + loading.INSTRUCTION
 
 
 # ---------------------------------------------------------------------------------------------
@@ -180,7 +183,7 @@ def oracle_sample(tok):
 
 def test_greedy_accuracy_grades_the_last_box(monkeypatch):
     tok = toy.make_tokenizer()
-    monkeypatch.setattr(toy, "sample", oracle_sample(tok))
+    monkeypatch.setattr(toy_task, "sample", oracle_sample(tok))
     # Operands of 1 to 3 digits give prompts of different lengths, so padding matters.
     items = [toy.make_item(a, b) for a, b in [(1, 2), (12, 34), (123, 456), (9, 9), (99, 99),
                                               (999, 999), (5, 6), (50, 60), (500, 600), (7, 8)]]
@@ -271,12 +274,35 @@ def test_cache_is_reused_and_rebuilt_when_stale(quick_cache, tmp_path, monkeypat
     assert toy.read_stamp(copy) is None
     toy.build(copy, seed=0, quick=True)
     assert calls == [1, 1] and toy.read_stamp(copy)["key"] == stamp["key"]  # teacher, student
-    toy.build(copy, seed=1, quick=True)  # other settings: rebuilt
+    with pytest.raises(toy.CacheMismatch, match=r"seed 0 \(asked 1\).*--teacher .*--force"):
+        toy.build(copy, seed=1, quick=True)  # other settings: refused, and the cache kept
+    assert len(calls) == 2 and toy.read_stamp(copy)["key"] == stamp["key"]
+    toy.build(copy, seed=1, quick=True, force=True)  # replaced only when asked
     assert len(calls) == 4 and toy.read_stamp(copy)["settings"]["seed"] == 1
     assert toy.load_split("heldout", copy) == toy.make_splits(1, 64, 16)[1]
     toy.build(copy, seed=1, quick=True, force=True)
     toy.build(copy, seed=1, quick=True)
     assert len(calls) == 6
+
+
+@pytest.mark.parametrize("script", ["distill", "analysis"])
+def test_a_cache_of_other_settings_is_refused_in_one_line_and_kept(quick_cache, tmp_path,
+                                                                   monkeypatch, capsys, script):
+    """TIP_TOY_CACHE=DIR python {distill,analysis}.py on a pair of other settings (here the quick
+    build): one line saying how to use or rebuild it, exit 2, and not one file of it touched."""
+    cache, _ = quick_cache
+    copy = str(tmp_path / "mine")
+    shutil.copytree(cache, copy)
+    before = {f: open(os.path.join(copy, f), "rb").read() for f in toy.FILES}
+    monkeypatch.setenv("TIP_TOY_CACHE", copy)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_:
+        importlib.import_module(script).main([])
+    err = capsys.readouterr().err.strip()
+    assert exit_.value.code == 2 and len(err.splitlines()) == 1
+    assert "other settings" in err and f"--teacher {copy}/teacher" in err and "--force" in err
+    assert {f: open(os.path.join(copy, f), "rb").read() for f in toy.FILES} == before
+    assert sorted(os.listdir(tmp_path)) == ["mine"]  # no temporary folder or output left
 
 
 def test_build_refuses_to_replace_a_foreign_folder(tmp_path):
