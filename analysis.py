@@ -152,11 +152,17 @@ def tokens_html(rollouts, stats, mask, tokenizer, limit=6):
 
 def plot_runs(run_dirs, path):
     """Training curves of distill.py runs, overlaid: loss, mean reverse KL, kept share per
-    quadrant, and eval scores where the run has them."""
-    fig, axes = plt.subplots(2, 2, figsize=(12, 8), dpi=100)
-    for run in run_dirs:
-        records = [json.loads(line) for line in open(os.path.join(run, "metrics.jsonl"))]
-        steps = [r for r in records if "loss" in r]
+    quadrant, and eval scores where the run has them; where a task follows token groups (the
+    toy's planted carry, `toy/carry/...`), a second row: the group's share in each quadrant, its
+    mean ĥ against the step's threshold, and the share of it the rule kept."""
+    records = {run: [json.loads(line) for line in open(os.path.join(run, "metrics.jsonl"))]
+               for run in run_dirs}
+    groups = sorted({k[:-len("/kept_share")] for rs in records.values() for r in rs for k in r
+                     if k.endswith("/kept_share")})
+    fig, axes = plt.subplots(2 + bool(groups), 2 if not groups else 3,
+                             figsize=(12 if not groups else 16, 8 if not groups else 12), dpi=100)
+    for run, rs in records.items():
+        steps = [r for r in rs if "loss" in r]
         label = os.path.basename(os.path.normpath(run))
         x = [r["step"] for r in steps]
         axes[0, 0].plot(x, [r["loss"] for r in steps], label=label)
@@ -164,13 +170,31 @@ def plot_runs(run_dirs, path):
         for q in QUADRANTS:
             axes[1, 0].plot(x, [r[f"q{q}_kept_share"] for r in steps], color=COLORS[q],
                             label=f"{label} Q{q}", alpha=0.8)
-        evals = [(r["step"], k, v) for r in records for k, v in r.items() if k.startswith("eval/")]
+        evals = [(r["step"], k, v) for r in rs for k, v in r.items() if k.startswith("eval/")]
         for key in sorted({k for _, k, _ in evals}):
             pts = [(s, v) for s, k, v in evals if k == key]
             axes[1, 1].plot(*zip(*pts), "o-", label=f"{label} {key[5:]}")
-    titles = ("loss (kept tokens)", "mean reverse KL, all response tokens",
-              "share of kept tokens per quadrant", "evaluation score")
-    for ax, title in zip(axes.flat, titles):
+        for g in groups:
+            has = [r for r in steps if f"{g}/n" in r and r[f"{g}/n"] > 0]
+            gx = [r["step"] for r in has]
+            for q in QUADRANTS:
+                axes[2, 0].plot(gx, [r[f"{g}/q{q}_share"] for r in has], color=COLORS[q],
+                                label=f"{label} {g} Q{q}", alpha=0.8)
+            axes[2, 1].plot(gx, [r[f"{g}/h_hat"] / max(r["h_threshold"], 1e-12) for r in has],
+                            label=f"{label} {g}")
+            axes[2, 2].plot(gx, [r[f"{g}/kept_share"] for r in has], label=f"{label} {g}")
+    titles = ["loss (kept tokens)", "mean reverse KL, all response tokens",
+              "share of kept tokens per quadrant", "evaluation score"]
+    panels = [axes[0, 0], axes[0, 1], axes[1, 0], axes[1, 1]]
+    if groups:
+        titles += ["followed tokens: share in each quadrant",
+                   "followed tokens: mean ĥ / the step's ĥ threshold (< 1: low entropy)",
+                   "followed tokens: share the rule kept"]
+        panels += [axes[2, 0], axes[2, 1], axes[2, 2]]
+        axes[2, 1].axhline(1.0, color="grey", lw=0.8, ls="--")
+        for ax in (axes[0, 2], axes[1, 2]):
+            ax.axis("off")
+    for ax, title in zip(panels, titles):
         ax.set_title(title)
         ax.set_xlabel("step")
         if ax.has_data():
@@ -181,7 +205,7 @@ def plot_runs(run_dirs, path):
     fig.savefig(path)
     plt.close(fig)
     return {(ax.get_title(), line.get_label()): (list(line.get_xdata()), list(line.get_ydata()))
-            for ax in axes.flat for line in ax.get_lines()}  # what was drawn, panel by panel
+            for ax in panels for line in ax.get_lines()}  # what was drawn, panel by panel
 
 
 @torch.no_grad()

@@ -117,6 +117,17 @@ def test_plot_handles_runs_with_and_without_eval(tmp_path):
     assert drawn[(loss, "a")] == drawn[(loss, "b")] == ([1, 2, 3], [0.5, 0.5, 0.5])
     assert drawn[("evaluation score", "b toy/mean@1")] == ([0, 3], [0.3, 0.5])
     assert not any(label.startswith("a ") for title, label in drawn if title == "evaluation score")
+    assert not any(title.startswith("followed") for title, _ in drawn)  # no group: no second row
+
+    carry = [{"step": s, **base, "h_threshold": 0.02, "toy/carry/n": 5, "toy/carry/h_hat": 0.01 * s,
+              "toy/carry/kept_share": 0.2 * s, **{f"toy/carry/q{q}_share": (q == 3) * 0.9 + 0.025
+                                                  for q in range(1, 5)}} for s in (1, 2, 3)]
+    write_jsonl(tmp_path / "c" / "metrics.jsonl", carry) if os.makedirs(tmp_path / "c") is None else None
+    drawn = analysis.plot_runs([tmp_path / "a", tmp_path / "c"], tmp_path / "three.png")
+    assert drawn[("followed tokens: share in each quadrant", "c toy/carry Q3")] == ([1, 2, 3], [0.925] * 3)
+    assert drawn[("followed tokens: share the rule kept", "c toy/carry")] == ([1, 2, 3], pytest.approx([0.2, 0.4, 0.6]))
+    ratio = drawn[("followed tokens: mean ĥ / the step's ĥ threshold (< 1: low entropy)", "c toy/carry")]
+    assert ratio == ([1, 2, 3], pytest.approx([0.5, 1.0, 1.5]))
 
 
 def test_bad_input(tmp_path):
