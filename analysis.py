@@ -53,6 +53,19 @@ def quadrant_table(stats, mask):
     return rows
 
 
+def followed_row(name, stats, mask, marked, thresholds):
+    """Where a followed token group sits (the toy's carry): how many, the share in each quadrant
+    and of the whole reverse-KL mass, and medians: the student's top-1 probability, ĥ and δ̂ over
+    their thresholds (ĥ/threshold <= 0.5: far inside the low-entropy half), the reverse KL."""
+    n, q = int(marked.sum()), stats["quadrant"][marked]
+    median = lambda x: x[marked].float().median().item() if n else float("nan")  # noqa: E731
+    return {"tokens": name, "n": n, **{f"q{k}": (q == k).sum().item() / max(n, 1) for k in QUADRANTS},
+            "kl_share": (stats["reverse_kl"][marked].sum() / stats["reverse_kl"][mask].sum()
+                         .clamp_min(1e-12)).item(),
+            "p_top1": median(stats["student_top1_p"]), "h_ratio": median(stats["h_hat"]) / thresholds[0],
+            "d_ratio": median(stats["d_hat"]) / thresholds[1], "kl": median(stats["reverse_kl"])}
+
+
 def coverage_table(stats, mask, rules, keeps, seed=0):
     """For each rule and keep ratio: the fraction of each quadrant's tokens that the rule keeps
     and the fraction of the total reverse-KL mass it keeps. `stats` from distill.batch_statistics."""
@@ -228,7 +241,8 @@ def statistics(teacher, student, rollouts, tokenizer, chunk_size=512, batch_size
 
 def analyze(args):
     """The analysis CLI: tables on stdout; quadrants.png, coverage.png, tokens.html on disk."""
-    if args.teacher is None:
+    toy_pair = args.teacher is None
+    if toy_pair:
         try:
             args.teacher, args.student = toy.build()
         except (FileExistsError, PermissionError) as e:
@@ -257,12 +271,19 @@ def analyze(args):
     else:
         rollouts = sample(student, tokenizer, prompts, args.samples_per_prompt, args.max_new_tokens,
                           batch_size=16, progress=True)
+    if toy_pair:  # the planted misconception's token, followed as distill follows it
+        rollouts.followed = {"toy/carry": toy.carry_flags(tokenizer, rollouts)}
     stats, mask, thresholds = statistics(teacher, student, rollouts, tokenizer, args.chunk_size,
                                          h_threshold=args.h_threshold, d_threshold=args.d_threshold)
     rows = quadrant_table(stats, mask)
     print(f"{int(mask.sum())} response tokens from {len(rollouts.responses)} rollouts; thresholds "
           f"ĥ > {thresholds[0]:.4f}, δ̂ > {thresholds[1]:.4f}\n")
     print(markdown(rows, ["quadrant", "share", "kl_share", "mean_h", "mean_kl"]) + "\n")
+    for name, flags in (rollouts.followed or {}).items():
+        marked = collate(rollouts.prompts, rollouts.responses, pad_id(tokenizer), flags)[2] & mask
+        print(markdown([followed_row(name, stats, mask, marked, thresholds)],
+                       ["tokens", "n", "q1", "q2", "q3", "q4", "kl_share", "p_top1", "h_ratio",
+                        "d_ratio", "kl"]) + "\n")
     coverage = coverage_table(stats, mask, list(selection.RULES), (0.5, 0.2, 0.1), args.seed)
     print(markdown(coverage, ["rule", "keep", "q1_kept", "q2_kept", "q3_kept", "q4_kept", "kl_kept"]))
     if not args.data_dir and len(prompts) == len(records[:args.prompts]) and all(  # all kept,

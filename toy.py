@@ -239,7 +239,7 @@ def build(cache_dir=None, seed=0, force=False, quick=False):
     else:
         # The pair is trained on s["threads"] threads whatever the machine has: the thread count
         # sets the float reduction order, and a few ulps early in training move the student by
-        # points. The CPU's kernels still do (docs/toy.md): hence the shipped pair.
+        # points. The CPU's float kernels still do: hence the shipped pair.
         threads = torch.get_num_threads()
         torch.set_num_threads(s["threads"])
         try:
