@@ -305,6 +305,34 @@ def test_a_cache_of_other_settings_is_refused_in_one_line_and_kept(quick_cache, 
     assert sorted(os.listdir(tmp_path)) == ["mine"]  # no temporary folder or output left
 
 
+def test_the_shipped_pair_matches_the_code_that_builds_it():
+    """data/toy_pair is the pair toy.py builds at seed 0: its stamp carries today's key (settings,
+    format version, the source of the build functions). Edit any of those and this fails until
+    `python toy.py --force && python toy.py ship` ships a new pair."""
+    stamp = toy.read_stamp(toy.SHIPPED, toy.SHIPPED_FILES)
+    assert stamp is not None, "data/toy_pair is incomplete"
+    assert stamp["settings"] == {**toy.SETTINGS, "seed": 0} and stamp["format"] == toy.FORMAT_VERSION
+    assert stamp["key"] == toy.build_key({**toy.SETTINGS, "seed": 0}), (
+        "the code that builds the toy pair changed: rebuild and ship it")
+    acc = stamp["heldout_accuracy"]
+    assert acc["teacher"]["all"] >= 0.95 and acc["student"]["misconception"] < 0.1
+
+
+def test_build_installs_the_shipped_pair_without_training(tmp_path, monkeypatch):
+    monkeypatch.setattr(toy, "train_pair", lambda *a: pytest.fail("trained instead of installing"))
+    teacher_dir, student_dir = toy.build(str(tmp_path / "cache"))
+    stamp = toy.read_stamp(str(tmp_path / "cache"))
+    assert stamp["installed_from"] == "data/toy_pair" and stamp["key"] == toy.build_key(
+        {**toy.SETTINGS, "seed": 0})
+    for who, model_dir in (("teacher", teacher_dir), ("student", student_dir)):
+        shipped = AutoModelForCausalLM.from_pretrained(os.path.join(toy.SHIPPED, who)).state_dict()
+        installed = AutoModelForCausalLM.from_pretrained(model_dir).state_dict()
+        assert all(torch.equal(shipped[k], installed[k]) for k in shipped)
+    train, heldout = toy.make_splits(0, toy.SETTINGS["n_train"], toy.SETTINGS["n_heldout"])
+    assert toy.load_split("heldout", str(tmp_path / "cache")) == heldout
+    assert [f for f in os.listdir(tmp_path) if f != "cache"] == []
+
+
 def test_build_refuses_to_replace_a_foreign_folder(tmp_path):
     (tmp_path / "mine.txt").write_text("not a toy cache")
     with pytest.raises(FileExistsError):
