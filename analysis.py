@@ -6,7 +6,7 @@
     python analysis.py plot runs/A runs/B --output curves.png
 
 Samples rollouts with rollouts.sample (the training sampler), builds every response token's
-statistics with distill.batch_statistics (the one builder of a rule's input), and prints (1) the
+statistics with quadrant_inputs.batch_statistics (the one builder of a rule's input), and prints (1) the
 quadrant table: share of tokens and of the reverse-KL mass, mean h and δ, the thresholds used;
 (2) the rule-coverage table: for each rule at keep 0.5 / 0.2 / 0.1, the fraction of each quadrant
 it keeps and of the KL mass. Writes quadrants.png (ĥ × δ̂ scatter with marginals), coverage.png
@@ -27,11 +27,11 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
 import deepplanning  # noqa: E402
-import distill  # noqa: E402
 import loading  # noqa: E402
 import selection  # noqa: E402
 import toy  # noqa: E402
 from loading import hidden_states, lm_head  # noqa: E402
+from quadrant_inputs import batch_statistics  # noqa: E402
 from rollouts import as_rollouts, collate, pad_id, sample  # noqa: E402
 from tip import QUADRANTS, quadrant_summary  # noqa: E402
 from tracking import COLORS, quadrant_figure  # noqa: E402
@@ -40,7 +40,7 @@ from tracking import COLORS, quadrant_figure  # noqa: E402
 def quadrant_table(stats, mask):
     """Per quadrant: token share, reverse-KL mass share, mean h (entropy / log V) and mean δ.
 
-    `stats` holds (B, T) tensors with `entropy_norm`, `reverse_kl` and `quadrant` (as distill's
+    `stats` holds (B, T) tensors with `entropy_norm`, `reverse_kl` and `quadrant` (as quadrant_inputs.
     batch_statistics builds them); only positions in `mask` count.
     """
     summary = quadrant_summary(stats["quadrant"], stats["reverse_kl"], mask)
@@ -55,7 +55,7 @@ def quadrant_table(stats, mask):
 
 def coverage_table(stats, mask, rules, keeps, seed=0):
     """For each rule and keep ratio: the fraction of each quadrant's tokens that the rule keeps
-    and the fraction of the total reverse-KL mass it keeps. `stats` from distill.batch_statistics."""
+    and the fraction of the total reverse-KL mass it keeps. `stats` from quadrant_inputs.batch_statistics."""
     rows, total_kl = [], stats["reverse_kl"][mask].sum().clamp_min(1e-12)
     for rule in rules:
         for keep in keeps:
@@ -196,7 +196,7 @@ def statistics(teacher, student, rollouts, tokenizer, chunk_size=512, batch_size
         part = [t[i:i + batch_size].to(device) for t in (ids, attn, mask)]
         h_s.append(hidden_states(student, part[0], part[1])[part[2]])  # (n, D_s)
         h_t.append(hidden_states(teacher, part[0], part[1])[part[2]])  # (n, D_t)
-    stats, thresholds = distill.batch_statistics(
+    stats, thresholds = batch_statistics(
         torch.cat(h_s), lm_head(student), torch.cat(h_t), lm_head(teacher), mask.to(device),
         chunk_size, h_threshold=h_threshold, d_threshold=d_threshold, return_thresholds=True)
     return {k: v.cpu() for k, v in stats.items()}, mask, thresholds

@@ -40,6 +40,7 @@ from loading import (ArgumentParser, UsageError, add_model_flags, check_output_h
 from memory import peak_memory, phase, start_memory_window
 from parallel import (all_reduce_sum, clip_grad_norm, gather, setup_distributed, shard, teardown,
                       world_size)
+from quadrant_inputs import FOLLOWED, batch_statistics, followed_sums
 from rollouts import collate, micro_batches, pad_id, sample
 
 # Real models: the paper's settings (Table 9; it gives no warm-up, the authors' launcher uses 0)
@@ -73,38 +74,6 @@ def rollouts_of_step(student, tokenizer, batch, args):
 
 
 # ---------------------------------------------------------------------------------------------
-# 4. Token statistics, normalised over the whole batch (all ranks under torchrun)
-# ---------------------------------------------------------------------------------------------
-
-def rule_inputs(flat, mask, h_threshold=None, d_threshold=None, return_thresholds=False):
-    """The one builder of a rule's input (selection.py's contract) from per-token statistics.
-
-    `flat`: dict of (N,) statistics at the N positions of the (B, L) mask, with at least
-    `entropy`, `entropy_norm`, `reverse_kl` and `forward_kl`. Adds ĥ, δ̂ and the quadrant,
-    normalised over every rank's positions (so N processes select what one process would), with
-    the thresholds at the batch medians unless given, and pads everything back to (B, L).
-    """
-    h, offset = gather(flat["entropy"])  # (N_all,)
-    d, _ = gather(flat["reverse_kl"])  # (N_all,)
-    axes, thresholds = tip.normalized_axes(h, d, h_threshold, d_threshold)  # dict of (N_all,)
-    mine = slice(offset, offset + flat["entropy"].numel())
-    stats = tip.to_padded({**flat, **{k: v[mine] for k, v in axes.items()}}, mask)  # (B, L) each
-    return (stats, thresholds) if return_thresholds else stats
-
-
-def batch_statistics(student_hidden, student_head, teacher_hidden, teacher_head, mask, chunk_size,
-                     **thresholds):
-    """tip.token_stats at the positions of `mask`, then rule_inputs: a dict of (B, L) tensors.
-
-    Hidden states are (B, L, D), or already (N, D) at the mask's positions, and detached.
-    """
-    flat_s = student_hidden[mask] if student_hidden.dim() == 3 else student_hidden  # (N, D_s)
-    flat_t = teacher_hidden[mask] if teacher_hidden.dim() == 3 else teacher_hidden  # (N, D_t)
-    flat = tip.token_stats(flat_s, student_head, flat_t, teacher_head, chunk_size)  # dict of (N,)
-    return rule_inputs(flat, mask, **thresholds)
-
-
-# ---------------------------------------------------------------------------------------------
 # Steps 2-6 of one optimizer step, over micro-batches with gradient accumulation
 # ---------------------------------------------------------------------------------------------
 
@@ -129,7 +98,7 @@ def opd_step(student, teacher, rollouts, cfg, generator, times, tokens=None):
             h_s = hidden_states(student, ids, attn)  # (b, L, D_s)
         with phase(times, "stats", device):  # 4. from the detached hidden states, fp32 logits
             stats, thresholds = batch_statistics(h_s.detach(), ws, h_t, wt, mask, cfg.chunk_size,
-                                                 return_thresholds=True)
+                                                 gather=gather, return_thresholds=True)
         with phase(times, "select", device):  # 5. positions to train on, per rollout
             kept, weights = selection.select(cfg.rule, stats, mask, cfg.keep, generator)
         with phase(times, "loss", device):  # 6. lm_heads on kept positions only, chunked
@@ -175,23 +144,12 @@ def opd_step(student, teacher, rollouts, cfg, generator, times, tokens=None):
         metrics[f"q{q}_share"] = (quads[0, q] / quads[0].sum().clamp_min(1)).item()
         metrics[f"q{q}_kept_share"] = (quads[1, q] / quads[1].sum().clamp_min(1)).item()
     metrics.update(h_threshold=sums["h_threshold"] / n, d_threshold=sums["d_threshold"] / n)
-    for name, f in followed.items():
-        f = [all_reduce_sum(v) for v in f.tolist()]  # n, kept, Q1..Q4, Σĥ, Σδ̂, Σ reverse KL
-        m = max(f[0], 1)
-        metrics.update({f"{name}/n": int(f[0]), f"{name}/kept_share": f[1] / m,
-                        **{f"{name}/q{q}_share": f[1 + q] / m for q in range(1, 5)},
-                        f"{name}/h_hat": f[6] / m, f"{name}/d_hat": f[7] / m,
-                        f"{name}/reverse_kl": f[8] / m})
+    for name, f in followed.items():  # each group's counts as shares, its sums as means
+        f = dict(zip(FOLLOWED, (all_reduce_sum(v) for v in f.tolist())))
+        m = max(f["n"], 1)
+        metrics.update({f"{name}/n": int(f["n"]), **{f"{name}/{k}_share": f[k] / m for k in FOLLOWED[1:6]},
+                        **{f"{name}/{k}": f[k] / m for k in FOLLOWED[6:]}})
     return metrics
-
-
-def followed_sums(stats, kept, marked):
-    """Counts and sums over the `marked` positions (B, L): how many, how many kept, how many in
-    each quadrant, Σ ĥ, Σ δ̂, Σ reverse KL -> (9,) on the CPU."""
-    quadrant = stats["quadrant"][marked]  # (n,)
-    return torch.tensor([marked.sum().item(), (kept & marked).sum().item(),
-                         *[(quadrant == q).sum().item() for q in range(1, 5)],
-                         *[stats[k][marked].sum().item() for k in ("h_hat", "d_hat", "reverse_kl")]])
 
 
 # ---------------------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import analysis
-import distill
+import quadrant_inputs
 import tip
 from helpers import make_tiny_pair, write_jsonl
 
@@ -26,8 +26,8 @@ def fixed_batch():
 
 def test_quadrant_table_matches_direct_computation():
     flat, mask = fixed_batch()
-    out, (th, td) = distill.rule_inputs(flat, mask, h_threshold=0.5, d_threshold=0.5,
-                                        return_thresholds=True)
+    out, (th, td) = quadrant_inputs.rule_inputs(flat, mask, h_threshold=0.5, d_threshold=0.5,
+                                                return_thresholds=True)
     rows = analysis.quadrant_table(out, mask)
     stats = tip.to_padded(flat, mask)
     h_hat = tip.normalize_entropy(stats["entropy"], mask)
@@ -48,7 +48,7 @@ def test_quadrant_table_matches_direct_computation():
 
 def test_coverage_table_matches_direct_computation():
     flat, mask = fixed_batch()
-    stats = distill.rule_inputs(flat, mask)
+    stats = quadrant_inputs.rule_inputs(flat, mask)
     rows = analysis.coverage_table(stats, mask, ["soft-or", "entropy-topk"], [0.5], seed=0)
     import selection
     for row in rows:
@@ -91,7 +91,7 @@ def test_analysis_cli_prints_tables_and_writes_files(cli_run):
 
 def test_plots_draw_the_data(tmp_path):
     flat, mask = fixed_batch()
-    stats, thresholds = distill.rule_inputs(flat, mask, return_thresholds=True)
+    stats, thresholds = quadrant_inputs.rule_inputs(flat, mask, return_thresholds=True)
     drawn = analysis.plot_quadrants(stats, mask, thresholds, tmp_path / "q.png")
     assert drawn == {q: int(((stats["quadrant"] == q) & mask).sum()) for q in range(1, 5)}
     rows = analysis.coverage_table(stats, mask, ["soft-or", "q3"], [0.5, 0.2])

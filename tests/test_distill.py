@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import distill
+import quadrant_inputs
 import loading
 import selection
 import tip
@@ -99,9 +100,9 @@ def test_step_loss_on_selected_positions_equals_naive(pair, rule, keep):
     # reproduce the same selection by hand (one micro-batch, opd_step's layout), then the naive loss
     ids, attn, mask = collate(rollouts.prompts, rollouts.responses, cfg.pad_id, align=False)
     with torch.no_grad():
-        stats = distill.batch_statistics(hidden_states(student, ids, attn),
-                                         lm_head(student), hidden_states(teacher, ids, attn),
-                                         lm_head(teacher), mask, 3)
+        stats = quadrant_inputs.batch_statistics(hidden_states(student, ids, attn),
+                                                 lm_head(student), hidden_states(teacher, ids, attn),
+                                                 lm_head(teacher), mask, 3)
     kept, _ = selection.select(rule, stats, mask, keep, torch.Generator().manual_seed(5))
     student.zero_grad()
     ref, _ = naive_loss(student, teacher, rollouts, cfg.pad_id, kept=kept, align=False)
@@ -198,8 +199,8 @@ def test_student_equal_to_teacher_gives_zero_loss(pair):
     ids, attn, mask = collate(rollouts.prompts, rollouts.responses, pad_id(tok))
     with torch.no_grad():
         h = hidden_states(student, ids, attn)
-        stats = distill.batch_statistics(h, lm_head(student), hidden_states(twin, ids, attn),
-                                         lm_head(twin), mask, 4)
+        stats = quadrant_inputs.batch_statistics(h, lm_head(student), hidden_states(twin, ids, attn),
+                                                 lm_head(twin), mask, 4)
     assert stats["reverse_kl"][mask].abs().max() < 1e-5
     metrics = distill.opd_step(student, twin, rollouts, _cfg(tok), torch.Generator().manual_seed(0),
                                {})
@@ -334,8 +335,8 @@ def test_twenty_steps_lower_the_reverse_kl_on_fresh_rollouts(pair):
         r = sample(student, tok, fresh, 4, 10)
         ids, attn, mask = collate(r.prompts, r.responses, pad_id(tok))
         with torch.no_grad():
-            s = distill.batch_statistics(hidden_states(student, ids, attn), lm_head(student),
-                                         hidden_states(teacher, ids, attn), lm_head(teacher), mask, 512)
+            s = quadrant_inputs.batch_statistics(hidden_states(student, ids, attn), lm_head(student),
+                                                 hidden_states(teacher, ids, attn), lm_head(teacher), mask, 512)
         return s["reverse_kl"][mask].mean().item()
 
     before = fresh_kl()

@@ -12,6 +12,7 @@ import torch
 import torch.multiprocessing as mp
 
 import distill
+import quadrant_inputs
 import evaluate
 import loading
 import parallel
@@ -44,9 +45,9 @@ def worker(rank, world, port, pair, out):
     # the selection, by the same functions opd_step uses, as kept response-token indices
     ids, attn, mask = collate(rollouts.prompts, rollouts.responses, 0)
     with torch.no_grad():
-        stats = distill.batch_statistics(hidden_states(student, ids, attn),
-                                         lm_head(student), hidden_states(teacher, ids, attn),
-                                         lm_head(teacher), mask, 3)
+        stats = quadrant_inputs.batch_statistics(hidden_states(student, ids, attn),
+                                                 lm_head(student), hidden_states(teacher, ids, attn),
+                                                 lm_head(teacher), mask, 3, gather=parallel.gather)
     kept, _ = selection.select("soft-or", stats, mask, 0.5)
     mine = [[i for i, k in enumerate(kept[b][mask[b]].tolist()) if k] for b in range(len(kept))]
     # SGD, so that weight differences are gradient differences (Adam's first step divides by |g|
