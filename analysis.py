@@ -30,6 +30,7 @@ import deepplanning  # noqa: E402
 import loading  # noqa: E402
 import selection  # noqa: E402
 import toy  # noqa: E402
+from grading import is_correct  # noqa: E402
 from loading import hidden_states, lm_head  # noqa: E402
 from quadrant_inputs import batch_statistics  # noqa: E402
 from rollouts import as_rollouts, collate, pad_id, sample  # noqa: E402
@@ -70,14 +71,16 @@ def coverage_table(stats, mask, rules, keeps, seed=0):
 
 
 def first_wrong_quadrants(rollouts, stats, mask, tokenizer, records, samples_per_prompt):
-    """Where the wrong rollouts go wrong: for each rollout whose last \\boxed{} differs from its
+    """Where the wrong rollouts go wrong: for each rollout that grading.py grades wrong against its
     record's answer, the quadrant of its first token that departs from the record's worked
-    solution (the reference the teacher learned). -> {part: (wrong rollouts, how many start in
-    Q1..Q4)}, with part "all" and, where records carry a "part" (the toy), one entry per part."""
+    solution. On the toy that solution is the one procedure the teacher learned, so the departure
+    is the error; on other data it is one right derivation among many. -> {part: how many wrong
+    rollouts start in Q1..Q4}, with part "all" and, where records carry a "part" (the toy), one
+    entry per part."""
     counts = {}
     for b, response in enumerate(rollouts.responses):
         record = records[b // samples_per_prompt]  # rollouts of one prompt are consecutive
-        if toy.last_boxed(tokenizer.decode(response, skip_special_tokens=True)) == str(record["answer"]):
+        if is_correct(tokenizer.decode(response, skip_special_tokens=True), str(record["answer"])):
             continue
         reference = tokenizer(record["solution"] + tokenizer.eos_token, add_special_tokens=False)["input_ids"]
         j = next((j for j, (a, r) in enumerate(zip(response, reference)) if a != r),
@@ -245,8 +248,10 @@ def analyze(args):
             "solution" in r and "answer" in r for r in records[:args.prompts]):  # e.g. the toy
         counts = first_wrong_quadrants(rollouts, stats, mask, tokenizer, records[:args.prompts],
                                        args.samples_per_prompt)
-        print("\nwrong rollouts (boxed answer != answer), by the quadrant of their first token that "
-              "departs from the reference solution:")
+        print("\nwrong rollouts (boxed answer not equivalent to the answer, by math-verify), by the "
+              "quadrant of their first token that departs from the dataset's worked solution (on the "
+              "toy the one procedure the teacher learned, so the departure is the error; on other "
+              "data one right derivation among many):")
         for part, n in counts.items():
             print(f"  {part}: {sum(n)} wrong; first wrong token in Q1-4 " + "/".join(
                 f"{k / sum(n):.2f}" for k in n))

@@ -11,7 +11,7 @@ Contract (what the other files import):
   build(cache_dir, seed, force)     train and save both -> (teacher_dir, student_dir); reuses a
                                     valid cache; a build appears whole (temp folder, then rename)
   split_path(name), load_split(..)  the "train" / "heldout" JSONL splits that build() wrote
-  greedy_accuracy(model, tok, ..)   the toy's own quick check; evaluate.py does the real grading
+  greedy_accuracy(model, tok, ..)   the toy's own quick check, graded by grading.py
   DISTILL_DEFAULTS                  the laptop settings of `python distill.py` on the toy pair
 
 The task is shaped like MATH: a question, a short worked solution, a final `\\boxed{answer}`. Each
@@ -61,6 +61,7 @@ from tokenizers import Tokenizer, decoders, models
 from tqdm import tqdm
 from transformers import PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
 
+from grading import is_correct
 # The prompt is loading.py's (problem + INSTRUCTION in the chat template), so the toy models are
 # trained on exactly the text that distill.py and evaluate.py feed them.
 from loading import ArgumentParser, INSTRUCTION, format_problem, render_prompt  # noqa: F401 (re-exported)
@@ -184,22 +185,17 @@ def encode(tokenizer, items, carry_weight=1.0):
     return input_ids, labels, (input_ids != tokenizer.pad_token_id).long(), weights
 
 
-def last_boxed(text):
-    found = re.findall(r"\\boxed\{([^{}]*)\}", text)
-    return found[-1] if found else None
-
-
 @torch.no_grad()
 def greedy_accuracy(model, tokenizer, items, batch_size=128, max_new_tokens=48):
-    """Share of `items` whose greedy answer boxes exactly the right answer string. This is the
-    toy's own quick check (integers only); evaluate.py grades real benchmarks. The longest
-    solution is 40 tokens with its <|im_end|>, so 48 new tokens never cut a right answer."""
+    """Share of `items` whose greedy answer boxes the right answer, graded by grading.py (as
+    evaluate.py and analysis.py grade). The longest solution is 40 tokens with its <|im_end|>, so
+    48 new tokens never cut a right answer."""
     prompts = [tokenizer(render_prompt(tokenizer, it["problem"], "problem"),
                          add_special_tokens=False)["input_ids"] for it in items]
     rollouts = sample(model, tokenizer, prompts, 1, max_new_tokens, temperature=0.0,
                       batch_size=batch_size)  # rollouts.sample: the one sampling code path
     texts = tokenizer.batch_decode(rollouts.responses, skip_special_tokens=True)
-    return sum(last_boxed(t) == it["answer"] for t, it in zip(texts, items)) / len(items)
+    return sum(is_correct(t, it["answer"]) for t, it in zip(texts, items)) / len(items)
 
 
 def part_accuracy(model, tokenizer, items):

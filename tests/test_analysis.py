@@ -160,3 +160,21 @@ def test_first_wrong_quadrants_finds_the_first_departure_from_the_reference():
             records[1]["solution"][34]] == ["1", "7", "5"]
     assert counts == {"all": [1, 0, 2, 0], "misconception": [0, 0, 1, 0], "other": [1, 0, 1, 0]}
     assert [j % 4 + 1 for j in first] == [3, 1, 3]
+
+
+def test_first_wrong_quadrants_grades_with_math_verify(tmp_path):
+    """A right answer in another form (\\frac12 for \\frac{1}{2}, 0.5) is right, as evaluate.py
+    grades it: only the rollout that boxes 1/3 is wrong. (A `[^{}]*` regex and string equality
+    counted the three right ones as wrong too.)"""
+    from helpers import make_tool_tokenizer
+    from rollouts import Rollouts, collate
+    answers = ["\\boxed{\\frac{1}{2}}", "so \\boxed{\\frac12}", "\\boxed{0.5}", "\\boxed{\\frac{1}{3}}"]
+    record = {"problem": "Half of one?", "answer": "\\frac{1}{2}", "solution": "It is \\boxed{\\frac{1}{2}}"}
+    tok = make_tool_tokenizer([record["solution"], *answers] * 20, vocab_size=400)
+    prompts = [tok("Half of one?")["input_ids"]] * 4
+    responses = [tok(a + tok.eos_token)["input_ids"] for a in answers]
+    _, _, mask = collate(prompts, responses, tok.pad_token_id)
+    quadrant = torch.where(mask, 3, 0)  # (4, L): every response position in Q3
+    counts = analysis.first_wrong_quadrants(Rollouts(prompts, responses), {"quadrant": quadrant},
+                                            mask, tok, [record], 4)
+    assert counts == {"all": [0, 0, 1, 0]}

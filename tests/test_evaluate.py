@@ -11,6 +11,7 @@ import pytest
 
 import loading
 import evaluate
+import grading
 from rollouts import Rollouts
 from helpers import make_tiny_pair, write_jsonl
 
@@ -34,12 +35,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     (r"\boxed{", None),
 ])
 def test_extract_boxed(text, expected):
-    assert evaluate.extract_boxed(text) == expected
+    assert grading.extract_boxed(text) == expected
 
 
 def test_box_inside_thinking_is_a_draft():
-    assert evaluate.is_correct(r"<think>maybe \boxed{2}</think> so \boxed{3}", "3")
-    assert not evaluate.is_correct(r"<think>maybe \boxed{3}</think> I give up", "3")
+    assert grading.is_correct(r"<think>maybe \boxed{2}</think> so \boxed{3}", "3")
+    assert not grading.is_correct(r"<think>maybe \boxed{3}</think> I give up", "3")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -60,22 +61,22 @@ REJECT = [
 
 @pytest.mark.parametrize("gold, answer", ACCEPT)
 def test_math_verify_accepts(gold, answer):
-    assert evaluate.is_correct(f"The answer is $\\boxed{{{answer}}}$.", gold)
+    assert grading.is_correct(f"The answer is $\\boxed{{{answer}}}$.", gold)
 
 
 @pytest.mark.parametrize("gold, answer", REJECT)
 def test_math_verify_rejects(gold, answer):
-    assert not evaluate.is_correct(f"The answer is $\\boxed{{{answer}}}$.", gold)
+    assert not grading.is_correct(f"The answer is $\\boxed{{{answer}}}$.", gold)
 
 
 def test_no_box_is_wrong_even_with_the_right_number():
-    assert not evaluate.is_correct("The answer is 3.", "3")
+    assert not grading.is_correct("The answer is 3.", "3")
 
 
 def test_grading_works_outside_the_main_thread():
     # math-verify's default timeout uses signal.alarm, which raises outside the main thread
     out = {}
-    thread = threading.Thread(target=lambda: out.update(ok=evaluate.is_correct(r"\boxed{0.5}",
+    thread = threading.Thread(target=lambda: out.update(ok=grading.is_correct(r"\boxed{0.5}",
                                                                                r"\frac{1}{2}")))
     thread.start()
     thread.join()
@@ -229,4 +230,4 @@ def test_toy_heldout_solutions_grade_as_correct():
     problems = evaluate.load_benchmark("toy", limit=20)
     rows = [json.loads(line) for line in open(toy.split_path("heldout"))][:20]
     assert [p["answer"] for p in problems] == [r["answer"] for r in rows]
-    assert all(evaluate.is_correct(r["solution"], r["answer"]) for r in rows)
+    assert all(grading.is_correct(r["solution"], r["answer"]) for r in rows)
