@@ -223,15 +223,22 @@ def analyze(args):
         records = loading.load_records(args.dataset, args.split)
         field = loading.find_prompt_field(records, args.prompt_field)
         prompts, _ = loading.encode_prompts(tokenizer, records[:args.prompts], field,
-                                            args.max_prompt_length)
+                                            args.max_prompt_length, args.enable_thinking)
+    longest = max(len(p) for p in prompts) if not args.data_dir else 0
+    loading.check_context((("--teacher", args.teacher), ("--student", args.student)),
+                          *((args.max_total_tokens, "--max-total-tokens, the length of an episode")
+                            if args.data_dir else (longest + args.max_new_tokens, f"the longest "
+                            f"prompt, {longest} tokens, + --max-new-tokens {args.max_new_tokens}")),
+                          args.trust_remote_code)  # before anything is loaded or generated
     teacher = loading.load_model(args.teacher, device, dtype, args.trust_remote_code).eval()
     student = loading.load_model(args.student, device, dtype, args.trust_remote_code).eval()
     for name, model in ((args.teacher, teacher), (args.student, student)):
         loading.check_output_head(model, name)
     torch.manual_seed(args.seed)
     if args.data_dir:  # only the student's own tokens are scored; tokens.html greys the rest
-        played = deepplanning.play(student, tokenizer, prompts, args.samples_per_prompt,
-                                   args.max_turns, args.max_new_tokens, batch_size=16, progress=True)
+        played = deepplanning.play(student, tokenizer, prompts, args.samples_per_prompt, args.max_turns,
+                                   args.max_new_tokens, args.max_total_tokens, batch_size=16,
+                                   enable_thinking=args.enable_thinking, progress=True)
         rollouts = as_rollouts([episode for _, episode, _ in played])
     else:
         rollouts = sample(student, tokenizer, prompts, args.samples_per_prompt, args.max_new_tokens,
@@ -286,12 +293,17 @@ def main(argv=None):
         p.add_argument("--dataset", help="HF id or local file (default: the toy held-out split)")
         p.add_argument("--data-dir", help="DeepPlanning travel folder (or its database_en): play its "
                        "held-out tasks as tool-use episodes instead of sampling --dataset")
-        p.add_argument("--max-turns", type=int, default=40, help="DeepPlanning: turns per episode")
-        p.add_argument("--split", default="test", help="dataset split (hub datasets)")
+        p.add_argument("--max-turns", type=int, help="DeepPlanning: turns per episode (default 40, "
+                       "as distill.py)")
+        p.add_argument("--max-total-tokens", type=int, help="DeepPlanning: prompt + every turn and "
+                       "tool answer of an episode (default 40960, as distill.py)")
+        p.add_argument("--enable-thinking", action="store_true", help="Qwen3 chat template thinking mode")
+        p.add_argument("--split", help="dataset split (hub datasets; default test)")
         p.add_argument("--prompt-field", help="prompt column (default: auto-detect)")
         p.add_argument("--prompts", type=int, default=32, help="prompts to sample from")
         p.add_argument("--samples-per-prompt", type=int, default=4, help="rollouts per prompt")
-        p.add_argument("--max-new-tokens", type=int, default=256, help="maximum response length")
+        p.add_argument("--max-new-tokens", type=int, help="maximum response length, or of one turn "
+                       "of an episode (default 256; with --data-dir 4096, as distill.py)")
         p.add_argument("--max-prompt-length", type=int, default=1024, help="longer prompts skipped")
         p.add_argument("--h-threshold", type=float, help="ĥ threshold (default: batch median)")
         p.add_argument("--d-threshold", type=float, help="δ̂ threshold (default: batch median)")
@@ -304,6 +316,14 @@ def main(argv=None):
             raise loading.UsageError("give both --teacher and --student, or neither (the toy pair)")
         if args.prompts < 1 or args.samples_per_prompt < 1:
             raise loading.UsageError("--prompts and --samples-per-prompt must be at least 1")
+        episode_flags, data_flags = ("max_turns", "max_total_tokens"), ("dataset", "split", "prompt_field")
+        ignored = [f for f in (data_flags if args.data_dir else episode_flags) if getattr(args, f) is not None]
+        if ignored:  # a flag the chosen data would ignore: refused, never silently dropped
+            raise loading.UsageError(f"--{ignored[0].replace('_', '-')} does not apply "
+                                     + ("with --data-dir" if args.data_dir else "without --data-dir"))
+        args.split = args.split or "test"
+        args.max_new_tokens = args.max_new_tokens or (4096 if args.data_dir else 256)
+        args.max_turns, args.max_total_tokens = args.max_turns or 40, args.max_total_tokens or 40960
         if args.data_dir:
             if args.teacher is None:
                 raise loading.UsageError("--data-dir needs --teacher and --student (models whose "

@@ -33,7 +33,7 @@ import tip
 import toy
 import tracking
 from checkpoint import latest_checkpoint, resume, save_checkpoint
-from loading import (ArgumentParser, UsageError, add_model_flags, check_output_head,
+from loading import (ArgumentParser, UsageError, add_model_flags, check_context, check_output_head,
                      check_same_tokenizer, check_writable, encode_prompts, find_prompt_field,
                      hidden_states, lm_head, load_model, load_records, load_tokenizer,
                      looks_like_path, prompt_order, resolve_device, resolve_dtype)
@@ -53,6 +53,8 @@ REAL_DEFAULTS = {**PAPER_DEFAULTS, **OUR_DEFAULTS}
 TOY_DEFAULTS = {"max_prompt_length": 2048, "micro_batch_tokens": 4096, **toy.DISTILL_DEFAULTS}
 AGENTIC_DEFAULTS = dict(max_prompt_length=16384, max_new_tokens=4096, prompts_per_step=8,
                         samples_per_prompt=4, max_turns=40, max_total_tokens=40960)
+TASK_FLAGS = {"math": ("dataset", "split", "prompt_field"),  # flags that only one task reads
+              "deepplanning": ("data_dir", "max_turns", "max_total_tokens")}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -186,7 +188,8 @@ def train(args):
 
     tokenizer = load_tokenizer(args.student, args.trust_remote_code)
     check_same_tokenizer(load_tokenizer(args.teacher, args.trust_remote_code), tokenizer)
-    if args.task == "deepplanning":  # the prompts are tasks, played in their sandboxes
+    agentic = args.task == "deepplanning"
+    if agentic:  # the prompts are tasks, played in their sandboxes
         prompts, too_long = deepplanning.training_tasks(tokenizer, args.data_dir, "train",
                                                         args.max_prompt_length, args.enable_thinking)
     else:
@@ -198,8 +201,14 @@ def train(args):
                          f"number of processes ({world})")
     checkpoint_dir = latest_checkpoint(args.output_dir) if args.resume else None
     if rank == 0:
-        print(f"prompts: {len(prompts)} distinct from {args.data_dir or args.dataset}; "
+        print(f"prompts: {len(prompts)} distinct from {args.data_dir if agentic else args.dataset}; "
               f"{too_long} longer than {args.max_prompt_length} tokens skipped")
+    longest = max(len(p) for p in prompts) if not agentic else 0
+    needed, why = ((args.max_total_tokens, "--max-total-tokens, the length of an episode") if agentic
+                   else (longest + args.max_new_tokens, f"the longest prompt, {longest} tokens, "
+                         f"+ --max-new-tokens {args.max_new_tokens}"))
+    check_context((("--teacher", args.teacher), ("--student", args.student)), needed, why,
+                  args.trust_remote_code)  # before a model is loaded or anything generated
 
     teacher = load_model(args.teacher, device, dtype, args.trust_remote_code)
     teacher.eval().requires_grad_(False)  # frozen: no gradients, no dropout
@@ -314,7 +323,7 @@ def parse_args(argv=None):
                    f"(default {AGENTIC_DEFAULTS['max_turns']}, ours)")
     p.add_argument("--max-total-tokens", type=int, help="deepplanning: prompt + every turn and tool "
                    f"answer of an episode (default {AGENTIC_DEFAULTS['max_total_tokens']}, ours)")
-    p.add_argument("--split", default="train", help="dataset split (hub datasets)")
+    p.add_argument("--split", help="dataset split (hub datasets; default train)")
     p.add_argument("--prompt-field", help="prompt column (default: auto-detect)")
     p.add_argument("--max-prompt-length", type=int, help="longer prompts are skipped, never "
                    "truncated (default 2048, the paper's, Table 9; deepplanning "
@@ -371,6 +380,11 @@ def validate(args):
         if name and looks_like_path(name) and not os.path.isdir(os.path.expanduser(name)):
             raise UsageError(f"--{who} {name!r} is not a directory (a local model is a folder "
                              "written by save_pretrained)")
+    for task, flags in TASK_FLAGS.items():  # a flag the chosen task would ignore: refused
+        given = [f for f in flags if task != args.task and getattr(args, f) is not None]
+        if given:
+            raise UsageError(f"--{given[0].replace('_', '-')} does not apply to --task {args.task} "
+                             f"(only to --task {task})")
     if args.task == "deepplanning" and (args.teacher is None or not args.data_dir):
         raise UsageError("--task deepplanning needs --data-dir (the DeepPlanning travel folder), "
                          "--teacher and --student (models whose chat template renders tools)")
@@ -400,6 +414,7 @@ def resolve_defaults(args):
         args.dataset = args.dataset or toy.split_path("train")
         args.eval_benchmarks = args.eval_benchmarks or "toy"
         torch.set_num_threads(toy.SETTINGS["threads"])  # the README's numbers on any core count
+    args.split = args.split or ("train" if args.task == "math" else None)
     agentic = args.task == "deepplanning"
     args.eval_benchmarks = args.eval_benchmarks or ("deepplanning" if agentic else "math500")
     limits = {k: AGENTIC_DEFAULTS[k] for k in ("max_turns", "max_total_tokens")}

@@ -217,9 +217,9 @@ def parse_args(argv=None):
     p.add_argument("--enable-thinking", action="store_true", help="Qwen3 chat-template thinking")
     p.add_argument("--data-dir", help="deepplanning: the DeepPlanning travel folder (data/, tools/, "
                    "agent/, database/) or its database_en / database_zh folder")
-    p.add_argument("--max-turns", type=int, default=40, help="deepplanning: turns per episode")
-    p.add_argument("--max-total-tokens", type=int, default=40960,
-                   help="deepplanning: prompt + every turn and tool answer of an episode")
+    p.add_argument("--max-turns", type=int, help="deepplanning: turns per episode (default 40)")
+    p.add_argument("--max-total-tokens", type=int, help="deepplanning: prompt + every turn and tool "
+                   "answer of an episode (default 40960)")
     p.add_argument("--limit", type=int, help="evaluate on the first N problems of each benchmark")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (reset per benchmark)")
     p.add_argument("--output-dir", help="for scores.json and completions.jsonl "
@@ -245,6 +245,10 @@ def validate(args):
         raise UsageError(f"--data names {unused[0]!r}, not in --benchmarks {args.benchmarks}")
     if "deepplanning" in names and not args.data_dir:
         raise UsageError("the deepplanning benchmark needs --data-dir (the DeepPlanning travel folder)")
+    ignored = [f for f in ("data_dir", "max_turns", "max_total_tokens") if getattr(args, f) is not None]
+    if ignored and "deepplanning" not in names:  # a flag no chosen benchmark reads: refused
+        raise UsageError(f"--{ignored[0].replace('_', '-')} applies only to the deepplanning benchmark")
+    args.max_turns, args.max_total_tokens = args.max_turns or 40, args.max_total_tokens or 40960
     for flag in ("samples", "max_new_tokens", "batch_size", "limit", "max_turns", "max_total_tokens"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             raise UsageError(f"--{flag.replace('_', '-')} must be at least 1")

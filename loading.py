@@ -26,10 +26,12 @@ class UsageError(Exception):
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows a default where there is one; a flag whose default depends on the run says so itself."""
+    """Shows a default where there is one (not None, not an empty list); a flag whose default
+    depends on the run says so itself."""
 
     def _get_help_string(self, action):
-        return action.help if action.default is None else super()._get_help_string(action)
+        unset = action.default is None or action.default == []
+        return action.help if unset else super()._get_help_string(action)
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -154,6 +156,19 @@ def check_same_tokenizer(teacher_tok, student_tok):
         raise UsageError(f"teacher and student tokenizers differ ({len(vt)} vs {len(vs)} tokens; "
                          f"first difference {diff}): OPD scores the student's token ids with the "
                          "teacher, so both must share one tokenizer")
+
+
+def check_context(models, needed, why, trust_remote_code=False):
+    """Refuse, before anything is generated, a model whose context (its config's
+    max_position_embeddings) cannot hold `needed` positions. `models`: (flag, name) pairs; `why`
+    names the settings that ask for them. A config that states no context passes."""
+    from transformers import AutoConfig
+    for flag, name in models:
+        held = getattr(AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code),
+                       "max_position_embeddings", None)
+        if held is not None and held < needed:
+            raise UsageError(f"{flag} {name!r} holds {held} positions, but this run needs {needed} "
+                             f"({why}): lower them, or choose a model with a longer context")
 
 
 def load_records(dataset, split="train"):

@@ -217,6 +217,14 @@ def test_cli_bad_data_exits_2_before_loading_a_model(tmp_path, capsys, rows, mes
     assert not (tmp_path / "out").exists()
 
 
+def test_cli_refuses_a_flag_no_chosen_benchmark_reads(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate.main(["--model", "m", "--benchmarks", "math500", "--max-turns", "3"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1
+    assert "--max-turns applies only to the deepplanning benchmark" in err
+
+
 def test_cli_refuses_greedy_with_several_samples(capsys):
     with pytest.raises(SystemExit) as exit_info:
         evaluate.main(["--model", "m", "--samples", "4", "--temperature", "0"])
