@@ -18,7 +18,7 @@ import torch
 from rollouts import position_ids
 
 INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
-PROMPT_FIELDS = ("prompt", "problem", "question", "messages", "query", "instruction", "input")
+PROMPT_FIELDS = ("prompt", "problem", "question", "messages", "query", "instruction", "input", "Problem")
 
 
 class UsageError(Exception):

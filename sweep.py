@@ -317,10 +317,12 @@ def plot_carry(rows, configs, path, keys=("toy/carry/q3_share", "toy/carry/kept_
 def start_scores(student_dir):
     """The student's held-out accuracy before distillation, overall and per part, in percent."""
     import evaluate
+    from task_api import Settings
     from transformers import AutoModelForCausalLM, AutoTokenizer
     summary = evaluate.evaluate_benchmark(AutoModelForCausalLM.from_pretrained(student_dir),
-                                          AutoTokenizer.from_pretrained(student_dir), "toy",
-                                          max_new_tokens=toy.DISTILL_DEFAULTS["max_new_tokens"])
+                                          AutoTokenizer.from_pretrained(student_dir), "toy", Settings(
+                                              max_new_tokens=toy.DISTILL_DEFAULTS["max_new_tokens"],
+                                              temperature=0.0))
     return {"accuracy": 100 * summary["mean"],
             **{k[5:]: 100 * v for k, v in summary.items() if k.startswith("mean/")}}
 

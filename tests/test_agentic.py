@@ -121,7 +121,8 @@ def test_bad_agentic_input_one_line_exit_2(pair, tmp_path, args, message):
 def test_the_quadrant_analysis_runs_on_episodes(pair, tmp_path):
     teacher, student = pair
     out = tmp_path / "analysis"
-    r = run("analysis.py", "--teacher", teacher, "--student", student, "--data-dir", DB,
+    r = run("analysis.py", "--teacher", teacher, "--student", student, "--task", "deepplanning",
+            "--data-dir", DB,
             "--prompts", "1", "--samples-per-prompt", "2", "--max-new-tokens", "5",
             "--max-turns", "2", "--max-total-tokens", "8192", "--output-dir", str(out), cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]

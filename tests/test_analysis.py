@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import analysis
+import math_task
 import quadrant_inputs
 import tip
 from helpers import make_tiny_pair, write_jsonl
@@ -152,7 +153,7 @@ def test_first_wrong_quadrants_finds_the_first_departure_from_the_reference():
     for b in range(4):
         cols = mask[b].nonzero().flatten()
         quadrant[b, cols] = torch.arange(len(cols)) % 4 + 1
-    counts = analysis.first_wrong_quadrants(rollouts, {"quadrant": quadrant}, mask, tok, records, 2)
+    counts = math_task.first_wrong_quadrants(rollouts, {"quadrant": quadrant}, mask, tok, records, 2)
     # Rollout 0 departs at index 22 (the carry of line 3) -> Q3; rollout 2 at index 16 (the sum's
     # units digit of line 2) -> Q1; rollout 3 at the boxed answer's first digit, index 34 -> Q3.
     first = [22, 16, 34]
@@ -175,6 +176,6 @@ def test_first_wrong_quadrants_grades_with_math_verify(tmp_path):
     responses = [tok(a + tok.eos_token)["input_ids"] for a in answers]
     _, _, mask = collate(prompts, responses, tok.pad_token_id)
     quadrant = torch.where(mask, 3, 0)  # (4, L): every response position in Q3
-    counts = analysis.first_wrong_quadrants(Rollouts(prompts, responses), {"quadrant": quadrant},
+    counts = math_task.first_wrong_quadrants(Rollouts(prompts, responses), {"quadrant": quadrant},
                                             mask, tok, [record], 4)
     assert counts == {"all": [0, 0, 1, 0]}

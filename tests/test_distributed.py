@@ -21,6 +21,7 @@ import selection
 from loading import hidden_states, lm_head
 from rollouts import Rollouts, collate
 from helpers import make_tiny_pair, write_jsonl
+from task_api import Settings
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROMPTS = [[1, 40, 41, 42, 2, 1, 50], [1, 43, 2, 1, 50], [1, 44, 45, 2, 1, 50], [1, 46, 2, 1, 50]]
@@ -61,8 +62,9 @@ def worker(rank, world, port, pair, out):
     # The evaluation: each rank samples its share of 5 problems (greedy), the rows are gathered.
     tok = loading.load_tokenizer(pair[1])
     problems = [{"problem": f"{a}+{a}=?", "answer": str(2 * a)} for a in range(5)]
-    _, rows = evaluate.evaluate_benchmark(student, tok, "mini", problems=problems, max_new_tokens=4,
-                                          batch_size=2, return_rows=True)
+    _, rows = evaluate.evaluate_benchmark(student, tok, "mini", Settings(max_new_tokens=4, batch_size=2,
+                                                                        temperature=0.0),
+                                          problems=problems, return_rows=True)
     # Episodes: rank 0 plays two, rank 1 one, one per generate call, so the ranks need different
     # numbers of calls; a deadlock here would hang the test.
     episodes = ro.run_episodes(student, tok, PROMPTS[:2 - rank], [lambda n, a: "{}"] * 2,
