@@ -9,10 +9,11 @@ Samples rollouts as training does (the task's rollouts: tasks.py), builds every 
 statistics with quadrant_inputs.batch_statistics (the one builder of a rule's input), and prints (1)
 the quadrant table: share of tokens and of the reverse-KL mass, mean h and δ, the thresholds used;
 (2) the rule-coverage table: for each rule at keep 0.5 / 0.2 / 0.1, the fraction of each quadrant
-it keeps and of the KL mass; (3) what the task adds (task.analysis_report). Writes quadrants.png (ĥ × δ̂ scatter with marginals), coverage.png
-(the coverage table as bars) and tokens.html (rollouts coloured by quadrant, a tooltip per token,
-tokens the student did not generate greyed out; self-contained, readable offline). `plot` draws
-distill.py's metrics.jsonl curves of several runs into one PNG. matplotlib runs headless (Agg).
+it keeps and of the KL mass; (3) what the task adds (task.analysis_report). Writes quadrants.png
+(ĥ × δ̂ scatter with marginals), coverage.png (the coverage table as bars) and tokens.html
+(rollouts coloured by quadrant, a tooltip per token, tokens the student did not generate greyed
+out; self-contained, readable offline). `plot` draws distill.py's metrics.jsonl curves of several
+runs into one PNG. matplotlib runs headless (Agg).
 
 The divergences are tip.py's and the rules selection.py's: nothing here computes one.
 """
@@ -259,8 +260,7 @@ def main(argv=None):
         p.add_argument("--seed", type=int, default=0, help="sampling and selection seed")
         loading.add_model_flags(p)
         args = p.parse_args(argv)
-        if (args.teacher is None) != (args.student is None):
-            raise loading.UsageError("give both --teacher and --student, or neither (the laptop pair)")
+        loading.check_pair(args.teacher, args.student)  # both or neither; a local model is a folder
         if args.prompts < 1 or args.samples_per_prompt < 1:
             raise loading.UsageError("--prompts and --samples-per-prompt must be at least 1")
         task = tasks.get(args.task)

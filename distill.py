@@ -14,9 +14,9 @@ is scored at position i-1 ("loss positions"). Prompt, padding, everything after 
 end-of-sequence, and response tokens the student did not generate (tool results in an episode)
 never enter statistics, selection or loss; the EOS itself is trained on.
 
-What is trained on comes from a task (tasks.py: its items, its rollouts, its benchmarks); this file
-names none. Elsewhere: sampling and episodes (rollouts.py), models, tokenizers and one-line errors
-(loading.py), checkpoints (checkpoint.py), torchrun (parallel.py), peak memory (memory.py).
+What is trained on comes from a task (tasks.py: items, rollouts, benchmarks); this file names none.
+Elsewhere: sampling (rollouts.py), models, tokenizers and one-line errors (loading.py), checkpoints
+(checkpoint.py), torchrun (parallel.py), peak memory (memory.py).
 """
 import argparse
 import contextlib
@@ -36,8 +36,8 @@ import tip
 import tracking
 from checkpoint import latest_checkpoint, resume, save_checkpoint
 from loading import (ArgumentParser, UsageError, add_model_flags, check_context, check_output_head,
-                     check_same_tokenizer, check_writable, hidden_states, lm_head, load_model,
-                     load_tokenizer, looks_like_path, prompt_order, resolve_device, resolve_dtype)
+                     check_pair, check_same_tokenizer, check_writable, hidden_states, lm_head,
+                     load_model, load_tokenizer, prompt_order, resolve_device, resolve_dtype)
 from memory import peak_memory, phase, start_memory_window
 from parallel import (all_reduce_sum, clip_grad_norm, gather, setup_distributed, shard, teardown,
                       world_size)
@@ -199,8 +199,7 @@ def task_settings(args):
     given = {f: getattr(args, f) for f in tasks.TASK_FLAGS if getattr(args, f, None) is not None}
     return tasks.Settings(max_prompt_length=args.max_prompt_length, enable_thinking=args.enable_thinking,
                           samples=args.samples_per_prompt, max_new_tokens=args.max_new_tokens,
-                          temperature=args.temperature, top_p=args.top_p,
-                          batch_size=args.generation_batch_size,
+                          temperature=args.temperature, top_p=args.top_p, batch_size=args.generation_batch_size,
                           benchmarks=tuple(args.eval_benchmarks.split(",")), **given)
 
 
@@ -370,10 +369,9 @@ def parse_args(argv=None):
                    "first and after the last (0: never; the laptop run evaluates before and after)")
     p.add_argument("--eval-before", action=argparse.BooleanOptionalAction, default=True,
                    help="when evaluating, also evaluate the student before the first step")
-    p.add_argument("--eval-benchmarks", help="comma list (default: the task's; laptop pair: "
-                   f"{default.laptop.get('eval_benchmarks')}; real models: "
-                   + "; ".join(f"--task {t.name}: {','.join(t.default_benchmarks())}"
-                               for t in tasks.TASKS.values()) + ")")
+    p.add_argument("--eval-benchmarks", help="comma list (default: the task's: " + "; ".join(
+        f"--task {t.name}: {','.join(t.default_benchmarks())}" for t in tasks.TASKS.values())
+        + f"; laptop pair: {default.laptop.get('eval_benchmarks')})")
     p.add_argument("--eval-samples", type=int, default=1, help="samples per problem (1: greedy)")
     p.add_argument("--eval-limit", type=int, help="evaluate on the first N problems only")
     tracking.add_flag(p)
@@ -387,13 +385,7 @@ def validate(args):
         raise UsageError(f"--keep must be in (0, 1], got {args.keep}")
     if not 0.0 <= args.beta <= 1.0:
         raise UsageError(f"--beta must be in [0, 1], got {args.beta}")
-    if (args.teacher is None) != (args.student is None):
-        raise UsageError("give both --teacher and --student, or neither (the laptop pair)")
-    for who in ("teacher", "student"):
-        name = getattr(args, who)
-        if name and looks_like_path(name) and not os.path.isdir(os.path.expanduser(name)):
-            raise UsageError(f"--{who} {name!r} is not a directory (a local model is a folder "
-                             "written by save_pretrained)")
+    check_pair(args.teacher, args.student)  # both or neither; a local model is a folder
     task = tasks.get(args.task)
     tasks.refuse_unread(vars(args), task)  # a flag this task would ignore: one line, exit 2
     task.check(tasks.Settings(**{f: getattr(args, f) for f in task.flags if getattr(args, f) is not None}))
@@ -450,13 +442,7 @@ def main(argv=None):
     teardown()
     if int(os.environ.get("RANK", 0)) != 0:
         return
-    evals = [r for r in history if any(k.startswith("eval/") for k in r)]
-    if len(evals) >= 2:  # the first benchmark, before -> after, and its parts where it has them
-        key = next(k for k in evals[-1] if k.startswith("eval/"))
-        parts = "".join(f", {k[len(key) + 1:]} {100 * evals[0][k]:.1f}% -> {100 * evals[-1][k]:.1f}%"
-                        for k in evals[-1] if k.startswith(key + "/") and k in evals[0])
-        print(f"held-out accuracy ({key}): before {100 * evals[0][key]:.1f}% -> "
-              f"after {100 * evals[-1][key]:.1f}%" + (f" ({parts[2:]})" if parts else ""))
+    print(evaluate.before_and_after(history) or "", end="")  # first and last evaluation, if two
     print(f"metrics and checkpoints in {args.output_dir}")
 
 

@@ -13,9 +13,10 @@ local .jsonl/.json/.parquet of problems and answers as benchmark NAME (the defau
 Every benchmark is loaded before the model, so bad input fails in seconds, not after a download.
 
 Outputs: one markdown table per task on stdout, with mean@k per part (`mean/<part>`, where the
-problems have parts) under it; <output-dir>/scores.json (settings, a summary per benchmark) and each task's rows file
-(completions.jsonl: every completion, its extracted answer and verdict; episodes.jsonl: every
-episode), written only once every benchmark has finished. Bad input: one line on stderr, exit 2.
+problems have parts) under it; <output-dir>/scores.json (settings, a summary per benchmark) and
+each task's rows file (completions.jsonl: every completion, its extracted answer and verdict;
+episodes.jsonl: every episode), written only once every benchmark has finished. Bad input: one
+line on stderr, exit status 2.
 
 Trap handled here: greedy decoding (temperature 0) with k > 1 would score k copies of one
 completion, so the CLI refuses it.
@@ -53,6 +54,19 @@ def during_training(model, tokenizer, names, settings):
         scores[key] = summary["mean"]
         scores.update({f"{key}/{k[5:]}": v for k, v in summary.items() if k.startswith("mean/")})
     return scores
+
+
+def before_and_after(history):
+    """distill.py's closing line: the first benchmark of its first and last evaluation, with the
+    benchmark's parts where it has them; None with fewer than two evaluations."""
+    evals = [r for r in history if any(k.startswith("eval/") for k in r)]
+    if len(evals) < 2:
+        return None
+    key = next(k for k in evals[-1] if k.startswith("eval/"))
+    parts = "".join(f", {k[len(key) + 1:]} {100 * evals[0][k]:.1f}% -> {100 * evals[-1][k]:.1f}%"
+                    for k in evals[-1] if k.startswith(key + "/") and k in evals[0])
+    return (f"held-out accuracy ({key}): before {100 * evals[0][key]:.1f}% -> after "
+            f"{100 * evals[-1][key]:.1f}%" + (f" ({parts[2:]})" if parts else "") + "\n")
 
 
 # ---------------------------------------------------------------------------------------------

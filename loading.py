@@ -255,6 +255,16 @@ def looks_like_path(name):
     return name.startswith(("/", "./", "../", "~")) or os.path.exists(name)
 
 
+def check_pair(teacher, student):
+    """Both --teacher and --student, or neither (the laptop pair); a local one must be a folder."""
+    if (teacher is None) != (student is None):
+        raise UsageError("give both --teacher and --student, or neither (the laptop pair)")
+    for who, name in (("teacher", teacher), ("student", student)):
+        if name and looks_like_path(name) and not os.path.isdir(os.path.expanduser(name)):
+            raise UsageError(f"--{who} {name!r} is not a directory (a local model is a folder "
+                             "written by save_pretrained)")
+
+
 def check_writable(path, flag="--output-dir"):
     """Raise UsageError unless `path` exists as a writable folder or could be created."""
     parent = os.path.abspath(path)
