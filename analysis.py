@@ -264,8 +264,7 @@ def main(argv=None):
         if args.prompts < 1 or args.samples_per_prompt < 1:
             raise loading.UsageError("--prompts and --samples-per-prompt must be at least 1")
         task = tasks.get(args.task)
-        tasks.refuse_unread(vars(args), task)  # a flag this task would ignore: one line, exit 2
-        task.check(tasks.Settings(**{f: getattr(args, f) for f in task.flags if getattr(args, f) is not None}))
+        tasks.check(task, vars(args))  # a flag this task would ignore, its own checks: one line
         args.max_new_tokens = args.max_new_tokens or max_new[args.task]
         args.max_prompt_length = args.max_prompt_length or task.defaults.get("max_prompt_length", 1024)
         loading.check_writable(args.output_dir)

@@ -258,7 +258,8 @@ def train(args):
         start, history = resume(checkpoint_dir, student, optimizer, scheduler, metrics_path, rank == 0)
         if rank == 0:
             print(f"resumed from {checkpoint_dir} at step {start}")
-    tracker = tracking.start(args, rank, start)  # --report-to: rank 0's trackers, or none
+    tracker = tracking.start(args.report_to, args.output_dir, rank, start, args.run_name, args.run_group,
+                             vars(args))  # --report-to: rank 0's trackers (the settings their config)
     os.makedirs(args.output_dir, exist_ok=True)
 
     def write(record, tokens=None):  # opened per record: a kill loses at most the line being written
@@ -386,9 +387,7 @@ def validate(args):
     if not 0.0 <= args.beta <= 1.0:
         raise UsageError(f"--beta must be in [0, 1], got {args.beta}")
     check_pair(args.teacher, args.student)  # both or neither; a local model is a folder
-    task = tasks.get(args.task)
-    tasks.refuse_unread(vars(args), task)  # a flag this task would ignore: one line, exit 2
-    task.check(tasks.Settings(**{f: getattr(args, f) for f in task.flags if getattr(args, f) is not None}))
+    tasks.check(tasks.get(args.task), vars(args))  # a flag it would ignore, its own checks: one line
     tracking.check(args.report_to)  # a chosen tracker that is not installed: one line
     for name in ("steps", "prompts_per_step", "samples_per_prompt", "max_new_tokens", "micro_batch_size",
                  "micro_batch_tokens", "generation_batch_size", "chunk_size", "max_skipped_steps",

@@ -7,6 +7,7 @@ above name no task.
 
     TASKS              name -> task, in --task's order; DEFAULT the one a run gets unasked
     get(name)          the task, or one line naming the valid ones
+    check(task, flags) a task flag the task does not read, then its own checks: one line each
     owner(benchmark)   the task whose benchmark that is
     add_flags(p)       the flags only some tasks read (task_api.TASK_FLAGS), with their help
 """
@@ -49,6 +50,13 @@ def owner(benchmark, local=False):
     valid = ", ".join(b for t in TASKS.values() for b in t.benchmarks)
     raise UsageError(f"unknown benchmark {benchmark!r}; valid: {valid}, or any name given a file "
                      "with --data NAME=PATH")
+
+
+def check(task, flags):
+    """Before anything loads, one line (UsageError) for a task flag that `task` does not read, then
+    the task's own checks. `flags`: {name: value} holding the task flags (None: not given)."""
+    refuse_unread(flags, task)
+    task.check(Settings(**{f: flags[f] for f in task.flags if flags.get(f) is not None}))
 
 
 HELP = {"dataset": "math: HF dataset id or local .jsonl/.json/.parquet",
