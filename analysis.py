@@ -1,20 +1,21 @@
 """The quadrant analysis: where is the learning signal of a teacher/student pair?
 
-    python analysis.py                                  # the toy pair on its held-out problems
+    python analysis.py                                  # the laptop pair on its held-out problems
     python analysis.py --teacher Qwen/Qwen3-4B --student Qwen/Qwen3-0.6B --dataset HuggingFaceH4/MATH-500
-    python analysis.py --teacher Qwen/Qwen3-14B --student Qwen/Qwen3-1.7B --data-dir <travel> # episodes
+    python analysis.py --teacher T --student S --task NAME ...   # any task of tasks.py (README)
     python analysis.py plot runs/A runs/B --output curves.png
 
-Samples rollouts with rollouts.sample (the training sampler), builds every response token's
-statistics with distill.batch_statistics (the one builder of a rule's input), and prints (1) the
-quadrant table: share of tokens and of the reverse-KL mass, mean h and δ, the thresholds used;
+Samples rollouts as training does (the task's rollouts: tasks.py), builds every response token's
+statistics with quadrant_inputs.batch_statistics (the one builder of a rule's input), and prints (1)
+the quadrant table: share of tokens and of the reverse-KL mass, mean h and δ, the thresholds used;
 (2) the rule-coverage table: for each rule at keep 0.5 / 0.2 / 0.1, the fraction of each quadrant
-it keeps and of the KL mass. Writes quadrants.png (ĥ × δ̂ scatter with marginals), coverage.png
-(the coverage table as bars) and tokens.html (rollouts coloured by quadrant, a tooltip per token,
-tokens the student did not generate greyed out; self-contained, readable offline). `plot` draws
-distill.py's metrics.jsonl curves of several runs into one PNG. matplotlib runs headless (Agg).
+it keeps and of the KL mass; (3) what the task adds (task.analysis_report). Writes quadrants.png
+(ĥ × δ̂ scatter with marginals), coverage.png (the coverage table as bars) and tokens.html
+(rollouts coloured by quadrant, a tooltip per token, tokens the student did not generate greyed
+out; self-contained, readable offline). `plot` draws distill.py's metrics.jsonl curves of several
+runs into one PNG. matplotlib runs headless (Agg).
 
-The math is tip.py's and the rules are selection.py's: nothing here computes a divergence.
+The divergences are tip.py's and the rules selection.py's: nothing here computes one.
 """
 import html
 import json
@@ -26,13 +27,12 @@ matplotlib.use("Agg")  # headless: no display needed
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
-import deepplanning  # noqa: E402
-import distill  # noqa: E402
 import loading  # noqa: E402
 import selection  # noqa: E402
-import toy  # noqa: E402
+import tasks  # noqa: E402
 from loading import hidden_states, lm_head  # noqa: E402
-from rollouts import as_rollouts, collate, pad_id, sample  # noqa: E402
+from quadrant_inputs import batch_statistics  # noqa: E402
+from rollouts import collate, pad_id  # noqa: E402
 from tip import QUADRANTS, quadrant_summary  # noqa: E402
 from tracking import COLORS, quadrant_figure  # noqa: E402
 
@@ -40,7 +40,7 @@ from tracking import COLORS, quadrant_figure  # noqa: E402
 def quadrant_table(stats, mask):
     """Per quadrant: token share, reverse-KL mass share, mean h (entropy / log V) and mean δ.
 
-    `stats` holds (B, T) tensors with `entropy_norm`, `reverse_kl` and `quadrant` (as distill's
+    `stats` holds (B, T) tensors with `entropy_norm`, `reverse_kl` and `quadrant` (as quadrant_inputs.
     batch_statistics builds them); only positions in `mask` count.
     """
     summary = quadrant_summary(stats["quadrant"], stats["reverse_kl"], mask)
@@ -68,7 +68,7 @@ def followed_row(name, stats, mask, marked, thresholds):
 
 def coverage_table(stats, mask, rules, keeps, seed=0):
     """For each rule and keep ratio: the fraction of each quadrant's tokens that the rule keeps
-    and the fraction of the total reverse-KL mass it keeps. `stats` from distill.batch_statistics."""
+    and the fraction of the total reverse-KL mass it keeps. `stats` from quadrant_inputs.batch_statistics."""
     rows, total_kl = [], stats["reverse_kl"][mask].sum().clamp_min(1e-12)
     for rule in rules:
         for keep in keeps:
@@ -80,26 +80,6 @@ def coverage_table(stats, mask, rules, keeps, seed=0):
                 row[f"q{q}_kept"] = ((kept & in_q).sum() / in_q.sum().clamp_min(1)).item()
             rows.append(row)
     return rows
-
-
-def first_wrong_quadrants(rollouts, stats, mask, tokenizer, records, samples_per_prompt):
-    """Where the wrong rollouts go wrong: for each rollout whose last \\boxed{} differs from its
-    record's answer, the quadrant of its first token that departs from the record's worked
-    solution (the reference the teacher learned). -> {part: (wrong rollouts, how many start in
-    Q1..Q4)}, with part "all" and, where records carry a "part" (the toy), one entry per part."""
-    counts = {}
-    for b, response in enumerate(rollouts.responses):
-        record = records[b // samples_per_prompt]  # rollouts of one prompt are consecutive
-        if toy.last_boxed(tokenizer.decode(response, skip_special_tokens=True)) == str(record["answer"]):
-            continue
-        reference = tokenizer(record["solution"] + tokenizer.eos_token, add_special_tokens=False)["input_ids"]
-        j = next((j for j, (a, r) in enumerate(zip(response, reference)) if a != r),
-                 min(len(response), len(reference)) - 1)  # a right prefix cut short: its last token
-        q = int(stats["quadrant"][b, mask[b].nonzero().flatten()[j]])
-        for part in ("all", record.get("part")):
-            if part is not None:
-                counts.setdefault(part, [0, 0, 0, 0])[q - 1] += 1
-    return counts
 
 
 def markdown(rows, columns):
@@ -233,7 +213,7 @@ def statistics(teacher, student, rollouts, tokenizer, chunk_size=512, batch_size
         part = [t[i:i + batch_size].to(device) for t in (ids, attn, mask)]
         h_s.append(hidden_states(student, part[0], part[1])[part[2]])  # (n, D_s)
         h_t.append(hidden_states(teacher, part[0], part[1])[part[2]])  # (n, D_t)
-    stats, thresholds = distill.batch_statistics(
+    stats, thresholds = batch_statistics(
         torch.cat(h_s), lm_head(student), torch.cat(h_t), lm_head(teacher), mask.to(device),
         chunk_size, h_threshold=h_threshold, d_threshold=d_threshold, return_thresholds=True)
     return {k: v.cpu() for k, v in stats.items()}, mask, thresholds
@@ -241,38 +221,29 @@ def statistics(teacher, student, rollouts, tokenizer, chunk_size=512, batch_size
 
 def analyze(args):
     """The analysis CLI: tables on stdout; quadrants.png, coverage.png, tokens.html on disk."""
-    toy_pair = args.teacher is None
-    if toy_pair:
-        try:
-            args.teacher, args.student = toy.build()
-        except (FileExistsError, PermissionError) as e:
-            raise loading.UsageError(f"cannot build the toy pair: {e}")
-        args.dataset = args.dataset or toy.split_path("heldout")
+    task = tasks.get(args.task)
+    laptop = {}
+    if args.teacher is None:  # the task's laptop pair, with the benchmarks its runs evaluate on
+        args.teacher, args.student, laptop = task.laptop_pair()  # (the toy: its carry followed)
+    given = {f: getattr(args, f) for f in tasks.TASK_FLAGS if getattr(args, f) is not None}
+    settings = tasks.Settings(max_prompt_length=args.max_prompt_length, max_new_tokens=args.max_new_tokens,
+                              enable_thinking=args.enable_thinking, samples=args.samples_per_prompt,
+                              batch_size=16, limit=args.prompts, progress=True,
+                              benchmarks=tuple(filter(None, laptop.get("eval_benchmarks", "").split(","))),
+                              **given)
     device, _ = loading.resolve_device(args.device)
     dtype, _ = loading.resolve_dtype(args.dtype, device)
     tokenizer = loading.load_tokenizer(args.student, args.trust_remote_code)
     loading.check_same_tokenizer(loading.load_tokenizer(args.teacher, args.trust_remote_code), tokenizer)
-    if args.data_dir:  # DeepPlanning: the held-out tasks, played as tool-use episodes
-        prompts = deepplanning.split_tasks(args.data_dir, "heldout")[:args.prompts]
-    else:
-        records = loading.load_records(args.dataset, args.split)
-        field = loading.find_prompt_field(records, args.prompt_field)
-        prompts, _ = loading.encode_prompts(tokenizer, records[:args.prompts], field,
-                                            args.max_prompt_length)
+    items, notes = task.analysis_items(tokenizer, settings)  # e.g. held-out prompts, or tasks to play
+    loading.check_context((("--teacher", args.teacher), ("--student", args.student)),
+                          *task.positions(items, settings), args.trust_remote_code)
     teacher = loading.load_model(args.teacher, device, dtype, args.trust_remote_code).eval()
     student = loading.load_model(args.student, device, dtype, args.trust_remote_code).eval()
     for name, model in ((args.teacher, teacher), (args.student, student)):
         loading.check_output_head(model, name)
     torch.manual_seed(args.seed)
-    if args.data_dir:  # only the student's own tokens are scored; tokens.html greys the rest
-        played = deepplanning.play(student, tokenizer, prompts, args.samples_per_prompt,
-                                   args.max_turns, args.max_new_tokens, batch_size=16, progress=True)
-        rollouts = as_rollouts([episode for _, episode, _ in played])
-    else:
-        rollouts = sample(student, tokenizer, prompts, args.samples_per_prompt, args.max_new_tokens,
-                          batch_size=16, progress=True)
-    if toy_pair:  # the planted misconception's token, followed as distill follows it
-        rollouts.followed = {"toy/carry": toy.carry_flags(tokenizer, rollouts)}
+    rollouts, _, _ = task.rollouts(student, tokenizer, items, settings)  # the training sampler
     stats, mask, thresholds = statistics(teacher, student, rollouts, tokenizer, args.chunk_size,
                                          h_threshold=args.h_threshold, d_threshold=args.d_threshold)
     rows = quadrant_table(stats, mask)
@@ -286,15 +257,9 @@ def analyze(args):
                         "d_ratio", "kl"]) + "\n")
     coverage = coverage_table(stats, mask, list(selection.RULES), (0.5, 0.2, 0.1), args.seed)
     print(markdown(coverage, ["rule", "keep", "q1_kept", "q2_kept", "q3_kept", "q4_kept", "kl_kept"]))
-    if not args.data_dir and len(prompts) == len(records[:args.prompts]) and all(  # all kept,
-            "solution" in r and "answer" in r for r in records[:args.prompts]):  # e.g. the toy
-        counts = first_wrong_quadrants(rollouts, stats, mask, tokenizer, records[:args.prompts],
-                                       args.samples_per_prompt)
-        print("\nwrong rollouts (boxed answer != answer), by the quadrant of their first token that "
-              "departs from the reference solution:")
-        for part, n in counts.items():
-            print(f"  {part}: {sum(n)} wrong; first wrong token in Q1-4 " + "/".join(
-                f"{k / sum(n):.2f}" for k in n))
+    report = task.analysis_report(notes, rollouts, stats, mask, tokenizer, settings)
+    if report:  # what the task adds, e.g. where the wrong rollouts go wrong
+        print("\n" + report)
     os.makedirs(args.output_dir, exist_ok=True)
     plot_quadrants(stats, mask, thresholds, os.path.join(args.output_dir, "quadrants.png"))
     plot_coverage(coverage, os.path.join(args.output_dir, "coverage.png"))
@@ -319,20 +284,20 @@ def main(argv=None):
             print(f"wrote {args.output}")
             return
         p = loading.ArgumentParser(description="Where is the learning signal? Quadrant analysis "
-                                   "of a teacher/student pair (default: the toy pair). "
+                                   "of a teacher/student pair (default: the laptop pair). "
                                    "`python analysis.py plot RUN_DIR...` draws training curves.")
-        p.add_argument("--teacher", help="HF id or local directory (default: the toy pair)")
-        p.add_argument("--student", help="HF id or local directory (default: the toy pair)")
-        p.add_argument("--dataset", help="HF id or local file (default: the toy held-out split)")
-        p.add_argument("--data-dir", help="DeepPlanning travel folder (or its database_en): play its "
-                       "held-out tasks as tool-use episodes instead of sampling --dataset")
-        p.add_argument("--max-turns", type=int, default=40, help="DeepPlanning: turns per episode")
-        p.add_argument("--split", default="test", help="dataset split (hub datasets)")
-        p.add_argument("--prompt-field", help="prompt column (default: auto-detect)")
-        p.add_argument("--prompts", type=int, default=32, help="prompts to sample from")
+        p.add_argument("--teacher", help="HF id or local directory (default: the laptop pair)")
+        p.add_argument("--student", help="HF id or local directory (default: the laptop pair)")
+        tasks.add_flags(p, dataset_help="HF id or local file (default: the laptop pair's held-out split)")
+        p.add_argument("--prompts", type=int, default=32, help="prompts (or tasks) to sample from")
         p.add_argument("--samples-per-prompt", type=int, default=4, help="rollouts per prompt")
-        p.add_argument("--max-new-tokens", type=int, default=256, help="maximum response length")
-        p.add_argument("--max-prompt-length", type=int, default=1024, help="longer prompts skipped")
+        max_new = {t.name: t.defaults.get("max_new_tokens", 256) for t in tasks.TASKS.values()}
+        p.add_argument("--max-new-tokens", type=int, help="maximum response length, or of one turn of "
+                       "an episode (default, as distill.py's: " + ", ".join(f"--task {k}: {v}" for k, v
+                                                                          in max_new.items()) + ")")
+        p.add_argument("--max-prompt-length", type=int, help="longer prompts skipped (default: 1024; "
+                       "or the task's, as distill.py's)")
+        p.add_argument("--enable-thinking", action="store_true", help="Qwen3 chat template thinking mode")
         p.add_argument("--h-threshold", type=float, help="ĥ threshold (default: batch median)")
         p.add_argument("--d-threshold", type=float, help="δ̂ threshold (default: batch median)")
         p.add_argument("--chunk-size", type=int, default=512, help="rows per lm_head chunk")
@@ -340,15 +305,13 @@ def main(argv=None):
         p.add_argument("--seed", type=int, default=0, help="sampling and selection seed")
         loading.add_model_flags(p)
         args = p.parse_args(argv)
-        if (args.teacher is None) != (args.student is None):
-            raise loading.UsageError("give both --teacher and --student, or neither (the toy pair)")
+        loading.check_pair(args.teacher, args.student)  # both or neither; a local model is a folder
         if args.prompts < 1 or args.samples_per_prompt < 1:
             raise loading.UsageError("--prompts and --samples-per-prompt must be at least 1")
-        if args.data_dir:
-            if args.teacher is None:
-                raise loading.UsageError("--data-dir needs --teacher and --student (models whose "
-                                         "chat template renders tools)")
-            deepplanning.resolve_data_dir(args.data_dir)  # missing or misshapen: one line
+        task = tasks.get(args.task)
+        tasks.check(task, vars(args))  # a flag this task would ignore, its own checks: one line
+        args.max_new_tokens = args.max_new_tokens or max_new[args.task]
+        args.max_prompt_length = args.max_prompt_length or task.defaults.get("max_prompt_length", 1024)
         loading.check_writable(args.output_dir)
         analyze(args)
     except loading.UsageError as e:

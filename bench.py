@@ -58,6 +58,7 @@ import selection
 import tip
 from loading import hidden_states, lm_head
 from memory import peak_memory, start_memory_window
+from quadrant_inputs import batch_statistics, rule_inputs
 from rollouts import Rollouts, collate, micro_batches, padded_tokens, position_ids
 
 # head_dim is explicit: Qwen3 decouples it from hidden / heads (Qwen3-4B: 2560 / 32 = 80, yet 128).
@@ -147,7 +148,7 @@ def naive_forward_backward(student, teacher, rollouts, cfg, generator):
         flat = {"entropy": tip.entropy(zs[mask]), "reverse_kl": tip.reverse_kl(zs[mask], zt[mask]),
                 "forward_kl": tip.forward_kl(zs[mask], zt[mask])}  # (N,) each
     flat["entropy_norm"] = flat["entropy"] / math.log(vocab)  # Eq. 2
-    stats = distill.rule_inputs(flat, mask)  # (B, L) each: the rule's input, as in training
+    stats = rule_inputs(flat, mask)  # (B, L) each: the rule's input, as in training
     kept, _ = selection.select(cfg.rule, stats, mask, cfg.keep, generator)  # (B, L) bool
     per_token = tip.divergence(cfg.loss, zs, zt, cfg.beta)  # (B, L) fp32, Eq. 1 everywhere
     n_kept = max(int(kept.sum()), 1)
@@ -165,7 +166,7 @@ def _kept_rows_forward_backward(student, teacher, rollouts, cfg, generator, loss
         h_t = hidden_states(teacher, ids, attn)  # (B, L, D_t)
     with autocast:
         h_s = hidden_states(student, ids, attn)  # (B, L, D_s)
-        stats = distill.batch_statistics(h_s.detach(), ws, h_t, wt, mask, cfg.chunk_size)
+        stats = batch_statistics(h_s.detach(), ws, h_t, wt, mask, cfg.chunk_size)
     kept, _ = selection.select(cfg.rule, stats, mask, cfg.keep, generator)  # (B, L) bool
     n_kept = max(int(kept.sum()), 1)
     with autocast:

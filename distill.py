@@ -1,20 +1,22 @@
 """On-policy distillation (OPD) with TIP token selection: the whole algorithm, top to bottom.
 
-    python distill.py                                   # the embedded toy pair, CPU, no download
+    python distill.py                                   # the laptop pair, CPU, no download
     python distill.py --teacher Qwen/Qwen3-4B --student Qwen/Qwen3-0.6B --rule entropy --keep 0.5
 
 The method, the eight steps of one optimizer step and every departure from the paper are written
-down once, in docs/method.md; this file follows that list section by section: sample, teacher,
-student, statistics, select, loss, step, log, then the run and its CLI.
+down once, in docs/method.md; this file follows that list section by section: 1 sample, 2 teacher,
+3 student, 4 statistics, 5 select, 6 loss, 7 step, 8 log, then the run and its CLI.
 
-Notation: B rollouts, L sequence positions, V vocabulary, D hidden size, N response positions.
-Positions: the hidden state at position i predicts token i+1, so response token y_t at sequence
-index i is scored at position i-1 ("loss positions"). Prompt, padding, everything after the first
-end-of-sequence, and response tokens the student did not generate (tool results in an agentic
-episode) never enter statistics, selection or loss; the EOS itself is trained on.
+Notation: B rollouts, T padded sequence positions (prompt + response), V vocabulary, D hidden
+size; N the positions that are trained on (response tokens the student generated), n the kept
+ones. The hidden state at position i predicts token i+1, so response token y_t at sequence index i
+is scored at position i-1 ("loss positions"). Prompt, padding, everything after the first
+end-of-sequence, and response tokens the student did not generate (tool results in an episode)
+never enter statistics, selection or loss; the EOS itself is trained on.
 
-Elsewhere: sampling and episodes (rollouts.py), models, tokenizers, prompts and one-line errors
-(loading.py), checkpoints (checkpoint.py), torchrun (parallel.py), peak memory (memory.py).
+What is trained on comes from a task (tasks.py: items, rollouts, benchmarks); this file names none.
+Elsewhere: sampling (rollouts.py), models, tokenizers and one-line errors (loading.py), checkpoints
+(checkpoint.py), torchrun (parallel.py), peak memory (memory.py).
 """
 import argparse
 import contextlib
@@ -23,125 +25,99 @@ import math
 import os
 import sys
 import time
+from dataclasses import dataclass, replace
 
 import torch
 
-import deepplanning
 import evaluate
 import selection
+import tasks
 import tip
-import toy
 import tracking
 from checkpoint import latest_checkpoint, resume, save_checkpoint
-from loading import (ArgumentParser, UsageError, add_model_flags, check_output_head,
-                     check_same_tokenizer, check_writable, encode_prompts, find_prompt_field,
-                     hidden_states, lm_head, load_model, load_records, load_tokenizer,
-                     looks_like_path, prompt_order, resolve_device, resolve_dtype)
+from loading import (ArgumentParser, UsageError, add_model_flags, check_context, check_output_head,
+                     check_pair, check_same_tokenizer, check_writable, hidden_states, lm_head,
+                     load_model, load_tokenizer, prompt_order, resolve_device, resolve_dtype)
 from memory import peak_memory, phase, start_memory_window
 from parallel import (all_reduce_sum, clip_grad_norm, gather, setup_distributed, shard, teardown,
                       world_size)
-from rollouts import collate, micro_batches, pad_id, sample
+from quadrant_inputs import FOLLOWED, batch_statistics, followed_sums
+from rollouts import collate, micro_batches, pad_id
 
 # Real models: the paper's settings (Table 9; it gives no warm-up, the authors' launcher uses 0)
-# where it has one, else ours; DeepPlanning episodes (~6k-token prompts) are all ours.
+# where it has one, else ours; a task may change some (tasks.py: its `defaults`).
 PAPER_DEFAULTS = dict(lr=1e-6, prompts_per_step=8, samples_per_prompt=16, max_new_tokens=8192,
                       max_prompt_length=2048, warmup_steps=0)
-OUR_DEFAULTS = dict(dataset="BytedTsinghua-SIA/DAPO-Math-17k", steps=200, micro_batch_size=64,
-                    micro_batch_tokens=16384, generation_batch_size=32)
+OUR_DEFAULTS = dict(steps=200, micro_batch_size=64, micro_batch_tokens=16384, generation_batch_size=32)
 REAL_DEFAULTS = {**PAPER_DEFAULTS, **OUR_DEFAULTS}
-TOY_DEFAULTS = {"max_prompt_length": 2048, "micro_batch_tokens": 4096, **toy.DISTILL_DEFAULTS}
-AGENTIC_DEFAULTS = dict(max_prompt_length=16384, max_new_tokens=4096, prompts_per_step=8,
-                        samples_per_prompt=4, max_turns=40, max_total_tokens=40960)
+
+
+@dataclass
+class StepSettings:
+    """What one optimizer step (opd_step, steps 2-6) reads, and nothing else."""
+    rule: str  # selection.RULES
+    keep: float  # keep ratio per rollout
+    loss: str  # reverse_kl | forward_kl | jsd
+    beta: float  # the JSD's mixture weight
+    importance_weights: bool  # weight sampled tokens by 1/p
+    chunk_size: int  # rows per lm_head projection
+    micro_batch_size: int  # rollouts per forward/backward, at most
+    micro_batch_tokens: int  # padded positions per forward/backward, at most
+    dtype: torch.dtype  # the teacher's dtype and the student's autocast
+    pad_id: int
 
 
 # ---------------------------------------------------------------------------------------------
 # 1. Sample: the student's own rollouts (from P_S exactly), or its own tool-use episodes
 # ---------------------------------------------------------------------------------------------
 
-def rollouts_of_step(student, tokenizer, batch, args):
-    """This rank's rollouts for the step, and the task's own metrics (sums, with their count).
-    math: `batch` holds prompt ids, sampled once each per rollout. deepplanning: `batch` holds
-    tasks, played as tool-use episodes whose masks keep only the student's own tokens."""
-    if args.task == "deepplanning":
-        return deepplanning.training_rollouts(student, tokenizer, batch, args)
-    rollouts = sample(student, tokenizer, batch, args.samples_per_prompt, args.max_new_tokens,
-                      args.temperature, args.top_p, args.generation_batch_size)
-    if args.toy or "toy" in args.eval_benchmarks.split(","):  # the toy's items (also an explicit
-        # pair, as sweep.py passes): where the planted misconception's token sits, step by step
-        rollouts.followed = {"toy/carry": toy.carry_flags(tokenizer, rollouts)}
-    return rollouts, {}
+def rollouts_of_step(task, student, tokenizer, batch, sampling):
+    """This rank's rollouts of the step's items (`batch`), sampled by the task, and the task's
+    per-episode means over every rank's episodes (episode/<name>; none for single-turn tasks)."""
+    rollouts, sums, count = task.rollouts(student, tokenizer, batch, sampling)
+    episodes = max(all_reduce_sum(count), 1)
+    return rollouts, {f"episode/{k}": all_reduce_sum(v) / episodes for k, v in sums.items()}
 
 
 # ---------------------------------------------------------------------------------------------
-# 4. Token statistics, normalised over the whole batch (all ranks under torchrun)
-# ---------------------------------------------------------------------------------------------
-
-def rule_inputs(flat, mask, h_threshold=None, d_threshold=None, return_thresholds=False):
-    """The one builder of a rule's input (selection.py's contract) from per-token statistics.
-
-    `flat`: dict of (N,) statistics at the N positions of the (B, L) mask, with at least
-    `entropy`, `entropy_norm`, `reverse_kl` and `forward_kl`. Adds ĥ, δ̂ and the quadrant,
-    normalised over every rank's positions (so N processes select what one process would), with
-    the thresholds at the batch medians unless given, and pads everything back to (B, L).
-    """
-    h, offset = gather(flat["entropy"])  # (N_all,)
-    d, _ = gather(flat["reverse_kl"])  # (N_all,)
-    axes, thresholds = tip.normalized_axes(h, d, h_threshold, d_threshold)  # dict of (N_all,)
-    mine = slice(offset, offset + flat["entropy"].numel())
-    stats = tip.to_padded({**flat, **{k: v[mine] for k, v in axes.items()}}, mask)  # (B, L) each
-    return (stats, thresholds) if return_thresholds else stats
-
-
-def batch_statistics(student_hidden, student_head, teacher_hidden, teacher_head, mask, chunk_size,
-                     **thresholds):
-    """tip.token_stats at the positions of `mask`, then rule_inputs: a dict of (B, L) tensors.
-
-    Hidden states are (B, L, D), or already (N, D) at the mask's positions, and detached.
-    """
-    flat_s = student_hidden[mask] if student_hidden.dim() == 3 else student_hidden  # (N, D_s)
-    flat_t = teacher_hidden[mask] if teacher_hidden.dim() == 3 else teacher_hidden  # (N, D_t)
-    flat = tip.token_stats(flat_s, student_head, flat_t, teacher_head, chunk_size)  # dict of (N,)
-    return rule_inputs(flat, mask, **thresholds)
-
-
-# ---------------------------------------------------------------------------------------------
-# Steps 2-6 of one optimizer step, over micro-batches with gradient accumulation
+# 2-6. Teacher pass, student pass, statistics, selection and loss, over micro-batches
 # ---------------------------------------------------------------------------------------------
 
 def opd_step(student, teacher, rollouts, cfg, generator, times, tokens=None):
     """Teacher pass, student pass, statistics, selection and loss per micro-batch; leaves the
-    gradient of (Σ loss over the step's kept tokens) / (their number) in the student.
-    Returns the step's token metrics (summed over ranks); fills `tokens` for the trackers."""
+    gradient of (Σ loss over the step's kept tokens) / (their number) in the student. `cfg`: a
+    StepSettings. Returns the step's token metrics (summed over ranks); fills `tokens` for the
+    trackers. Token groups a task follows (rollouts.followed) get their own metrics."""
     device = next(student.parameters()).device
     autocast = (torch.autocast("cuda", dtype=cfg.dtype) if device.type == "cuda"
                 and cfg.dtype != torch.float32 else contextlib.nullcontext())
     sums = dict.fromkeys(("loss", "entropy", "reverse_kl", "n", "kept", "padded", "real",
                           "h_threshold", "d_threshold"), 0.0)
     followed = {}  # group name -> followed_sums, summed over micro-batches
-    quads = torch.zeros(2, 5)  # token counts per quadrant (0 = not a response position): all, kept
-    ws, wt = lm_head(student), lm_head(teacher)
+    quads = torch.zeros(2, 5)  # (2, 5) token counts per quadrant (0: not trained on): all, kept
+    ws, wt = lm_head(student), lm_head(teacher)  # (V, D_s), (V, D_t)
     for part in micro_batches(rollouts, cfg.micro_batch_size, cfg.micro_batch_tokens):  # by length
         ids, attn, mask = (t.to(device) for t in collate(part.prompts, part.responses, cfg.pad_id,
-                                                         part.masks, align=False))
+                                                         part.masks, align=False))  # (b, T) each
         with phase(times, "teacher", device), torch.no_grad(), autocast:  # 2. frozen teacher
-            h_t = hidden_states(teacher, ids, attn)  # (b, L, D_t)
+            h_t = hidden_states(teacher, ids, attn)  # (b, T, D_t)
         with phase(times, "student", device), autocast:  # 3. one forward, with gradients
-            h_s = hidden_states(student, ids, attn)  # (b, L, D_s)
+            h_s = hidden_states(student, ids, attn)  # (b, T, D_s)
         with phase(times, "stats", device):  # 4. from the detached hidden states, fp32 logits
             stats, thresholds = batch_statistics(h_s.detach(), ws, h_t, wt, mask, cfg.chunk_size,
-                                                 return_thresholds=True)
+                                                 gather=gather, return_thresholds=True)  # (b, T) each
         with phase(times, "select", device):  # 5. positions to train on, per rollout
-            kept, weights = selection.select(cfg.rule, stats, mask, cfg.keep, generator)
+            kept, weights = selection.select(cfg.rule, stats, mask, cfg.keep, generator)  # (b, T)
         with phase(times, "loss", device):  # 6. lm_heads on kept positions only, chunked
-            w = weights[kept] if (cfg.importance_weights and weights is not None) else None
+            w = weights[kept] if (cfg.importance_weights and weights is not None) else None  # (n,)
             loss_sum = tip.chunked_divergence(h_s[kept], ws, h_t[kept], wt, cfg.loss, cfg.beta,
-                                              cfg.chunk_size, w)  # (,) a sum over kept tokens
+                                              cfg.chunk_size, w)  # () a sum over the n kept tokens
         with phase(times, "backward", device):
             # FSDP averages gradients over ranks, but each rank holds only a part of the step's
             # sum: scaling by the world size turns that average back into the sum.
             (loss_sum * world_size()).backward()
         for name, flags in (part.followed or {}).items():  # token groups a task follows
-            marked = collate(part.prompts, part.responses, cfg.pad_id, flags, align=False)[2]
+            marked = collate(part.prompts, part.responses, cfg.pad_id, flags, align=False)[2]  # (b, T)
             followed[name] = followed.get(name, 0) + followed_sums(stats, kept, mask & marked.to(device))
         sums["loss"] += loss_sum.item()
         sums["h_threshold"] += thresholds[0] * mask.sum().item()  # token-weighted over micro-batches
@@ -175,23 +151,28 @@ def opd_step(student, teacher, rollouts, cfg, generator, times, tokens=None):
         metrics[f"q{q}_share"] = (quads[0, q] / quads[0].sum().clamp_min(1)).item()
         metrics[f"q{q}_kept_share"] = (quads[1, q] / quads[1].sum().clamp_min(1)).item()
     metrics.update(h_threshold=sums["h_threshold"] / n, d_threshold=sums["d_threshold"] / n)
-    for name, f in followed.items():
-        f = [all_reduce_sum(v) for v in f.tolist()]  # n, kept, Q1..Q4, Σĥ, Σδ̂, Σ reverse KL
-        m = max(f[0], 1)
-        metrics.update({f"{name}/n": int(f[0]), f"{name}/kept_share": f[1] / m,
-                        **{f"{name}/q{q}_share": f[1 + q] / m for q in range(1, 5)},
-                        f"{name}/h_hat": f[6] / m, f"{name}/d_hat": f[7] / m,
-                        f"{name}/reverse_kl": f[8] / m})
+    for name, f in followed.items():  # each group's counts as shares, its sums as means
+        f = dict(zip(FOLLOWED, (all_reduce_sum(v) for v in f.tolist())))
+        m = max(f["n"], 1)
+        metrics.update({f"{name}/n": int(f["n"]), **{f"{name}/{k}_share": f[k] / m for k in FOLLOWED[1:6]},
+                        **{f"{name}/{k}": f[k] / m for k in FOLLOWED[6:]}})
     return metrics
 
 
-def followed_sums(stats, kept, marked):
-    """Counts and sums over the `marked` positions (B, L): how many, how many kept, how many in
-    each quadrant, Σ ĥ, Σ δ̂, Σ reverse KL -> (9,) on the CPU."""
-    quadrant = stats["quadrant"][marked]  # (n,)
-    return torch.tensor([marked.sum().item(), (kept & marked).sum().item(),
-                         *[(quadrant == q).sum().item() for q in range(1, 5)],
-                         *[stats[k][marked].sum().item() for k in ("h_hat", "d_hat", "reverse_kl")]])
+# ---------------------------------------------------------------------------------------------
+# 7. Step: clip the gradient norm, then update the student unless the step is not finite
+# ---------------------------------------------------------------------------------------------
+
+def update(student, optimizer, scheduler, loss):
+    """Clip at norm 1, step AdamW unless the loss or the norm is not finite (the step is skipped
+    and counted), advance the schedule either way. Returns (grad_norm, skipped)."""
+    grad_norm = clip_grad_norm(student, 1.0)
+    skipped = not math.isfinite(grad_norm) or not math.isfinite(loss)
+    if not skipped:
+        optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm, skipped
 
 
 # ---------------------------------------------------------------------------------------------
@@ -213,9 +194,19 @@ def log_line(r, steps):
 # The run: settings, checkpoints, the loop over steps
 # ---------------------------------------------------------------------------------------------
 
+def task_settings(args):
+    """What the task reads, from the flags: its data, and sampling as training samples."""
+    given = {f: getattr(args, f) for f in tasks.TASK_FLAGS if getattr(args, f, None) is not None}
+    return tasks.Settings(max_prompt_length=args.max_prompt_length, enable_thinking=args.enable_thinking,
+                          samples=args.samples_per_prompt, max_new_tokens=args.max_new_tokens,
+                          temperature=args.temperature, top_p=args.top_p, batch_size=args.generation_batch_size,
+                          benchmarks=tuple(args.eval_benchmarks.split(",")), **given)
+
+
 def train(args):
     """Load everything, then run the optimizer steps. Returns (student, tokenizer, history)."""
     from transformers import get_cosine_schedule_with_warmup
+    task, sampling = tasks.get(args.task), task_settings(args)
     rank, world = setup_distributed(args.device)
     device, device_reason = resolve_device(args.device)
     if world > 1 and device.type == "cuda":
@@ -228,20 +219,16 @@ def train(args):
 
     tokenizer = load_tokenizer(args.student, args.trust_remote_code)
     check_same_tokenizer(load_tokenizer(args.teacher, args.trust_remote_code), tokenizer)
-    if args.task == "deepplanning":  # the prompts are tasks, played in their sandboxes
-        prompts, too_long = deepplanning.training_tasks(tokenizer, args.data_dir, "train",
-                                                        args.max_prompt_length, args.enable_thinking)
-    else:
-        records = load_records(args.dataset, args.split)
-        prompts, too_long = encode_prompts(tokenizer, records, find_prompt_field(
-            records, args.prompt_field), args.max_prompt_length, args.enable_thinking)
+    items, too_long = task.items(tokenizer, sampling)  # prompt ids, or tasks to play
     if args.prompts_per_step % world:
         raise UsageError(f"--prompts-per-step {args.prompts_per_step} must be divisible by the "
                          f"number of processes ({world})")
     checkpoint_dir = latest_checkpoint(args.output_dir) if args.resume else None
     if rank == 0:
-        print(f"prompts: {len(prompts)} distinct from {args.data_dir or args.dataset}; "
+        print(f"prompts: {len(items)} distinct from {task.describe(sampling)}; "
               f"{too_long} longer than {args.max_prompt_length} tokens skipped")
+    check_context((("--teacher", args.teacher), ("--student", args.student)),
+                  *task.positions(items, sampling), args.trust_remote_code)  # before any generate
 
     teacher = load_model(args.teacher, device, dtype, args.trust_remote_code)
     teacher.eval().requires_grad_(False)  # frozen: no gradients, no dropout
@@ -260,14 +247,19 @@ def train(args):
     optimizer = torch.optim.AdamW(student.parameters(), lr=args.lr, weight_decay=args.weight_decay,
                                   eps=args.adam_eps)
     scheduler = get_cosine_schedule_with_warmup(optimizer, args.warmup_steps, args.steps)
-    cfg = argparse.Namespace(**{**vars(args), "dtype": dtype, "pad_id": pad_id(tokenizer)})
+    cfg = StepSettings(args.rule, args.keep, args.loss, args.beta, args.importance_weights,
+                       args.chunk_size, args.micro_batch_size, args.micro_batch_tokens, dtype,
+                       pad_id(tokenizer))
+    evaluation = replace(sampling, samples=args.eval_samples, top_p=1.0, seed=args.seed,
+                         temperature=0.0 if args.eval_samples == 1 else 1.0, limit=args.eval_limit)
 
     start, history, metrics_path = 0, [], os.path.join(args.output_dir, "metrics.jsonl")
     if checkpoint_dir:  # resume: weights (above), optimizer, scheduler, step, RNG, metrics
         start, history = resume(checkpoint_dir, student, optimizer, scheduler, metrics_path, rank == 0)
         if rank == 0:
             print(f"resumed from {checkpoint_dir} at step {start}")
-    tracker = tracking.start(args, rank, start)  # --report-to: rank 0's trackers, or none
+    tracker = tracking.start(args.report_to, args.output_dir, rank, start, args.run_name, args.run_group,
+                             vars(args))  # --report-to: rank 0's trackers (the settings their config)
     os.makedirs(args.output_dir, exist_ok=True)
 
     def write(record, tokens=None):  # opened per record: a kill loses at most the line being written
@@ -277,9 +269,9 @@ def train(args):
                 log.write(json.dumps(record) + "\n")
             tracker.log(record, tokens)  # a copy for the trackers; never stops the run
 
-    evaluating = args.eval_every > 0 or args.toy
+    evaluating = args.eval_every > 0 or args.laptop  # the laptop run evaluates before and after
     if evaluating and start == 0 and args.eval_before:
-        write({"step": 0, **evaluate.during_training(student, tokenizer, args)})
+        write({"step": 0, **evaluate.during_training(student, tokenizer, evaluation.benchmarks, evaluation)})
     skipped_in_a_row = 0
     for step in range(start + 1, args.steps + 1):
         t_step, times = time.perf_counter(), {}
@@ -288,28 +280,21 @@ def train(args):
         torch.manual_seed((args.seed * 1_000_003 + step) * 1_009 + rank)
         generator = torch.Generator().manual_seed((args.seed * 1_000_003 + step) * 1_009 + rank)
         with phase(times, "sample", device):  # 1. the student's own rollouts (or episodes)
-            order = list(prompt_order(len(prompts), step - 1, args.prompts_per_step, args.seed))
-            batch = [prompts[j] for j in order[rank::world]]  # this rank's share
-            rollouts, task_sums = rollouts_of_step(student, tokenizer, batch, args)
+            order = list(prompt_order(len(items), step - 1, args.prompts_per_step, args.seed))
+            batch = [items[j] for j in order[rank::world]]  # this rank's share
+            rollouts, episode_means = rollouts_of_step(task, student, tokenizer, batch, sampling)
         tokens = tracker.tokens()  # a list when a tracker will draw the step's quadrant picture
-        metrics = opd_step(student, teacher, rollouts, cfg, generator, times, tokens)  # 2-6
-        if task_sums:  # deepplanning: per-episode means over every rank's episodes
-            n = max(all_reduce_sum(task_sums.pop("episodes")), 1)
-            metrics.update({f"episode/{k}": all_reduce_sum(v) / n for k, v in task_sums.items()})
+        metrics = {**opd_step(student, teacher, rollouts, cfg, generator, times, tokens),  # 2-6
+                   **episode_means}
         with phase(times, "update", device):  # 7. clip, then update unless not finite
-            grad_norm = clip_grad_norm(student, 1.0)
-            skipped = not math.isfinite(grad_norm) or not math.isfinite(metrics["loss"])
-            if not skipped:
-                optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            grad_norm, skipped = update(student, optimizer, scheduler, metrics["loss"])
         seconds = time.perf_counter() - t_step
         record = {"step": step, **metrics, "grad_norm": grad_norm, "skipped": skipped,
                   "lr": scheduler.get_last_lr()[0], "tokens_per_s": metrics["response_tokens"] / seconds,
                   "peak_memory_bytes": peak_memory(device), "step_seconds": seconds,
                   **{f"time/{k}": v for k, v in times.items()}}
         if evaluating and ((args.eval_every and step % args.eval_every == 0) or step == args.steps):
-            record.update(evaluate.during_training(student, tokenizer, args))
+            record.update(evaluate.during_training(student, tokenizer, evaluation.benchmarks, evaluation))
         write(record, tokens)  # 8. the record in metrics.jsonl, then as one fixed-format line
         if rank == 0:
             print(log_line(record, args.steps), flush=True)
@@ -329,15 +314,19 @@ def train(args):
 # ---------------------------------------------------------------------------------------------
 
 def both(name):
-    """Help text naming the toy default and the real-model default (paper's or ours) of a flag."""
+    """Help text naming a flag's default for the laptop pair, for real models, and per task."""
     whose = "the paper's" if name in PAPER_DEFAULTS else "ours"
-    return f"(toy: {TOY_DEFAULTS[name]}; real models: {REAL_DEFAULTS[name]}, {whose})"
+    laptop = tasks.TASKS[tasks.DEFAULT].laptop
+    per_task = "".join(f"; --task {t.name}: {t.defaults[name]}" for t in tasks.TASKS.values()
+                       if name in t.defaults)
+    return (f"(laptop pair: {laptop[name]}; " if name in laptop else "(") + \
+        f"real models: {REAL_DEFAULTS[name]}, {whose}{per_task})"
 
 
 def parse_args(argv=None):
     p = ArgumentParser(description="On-policy distillation with TIP token selection.")
-    p.add_argument("--teacher", help="teacher: HF id or local directory (default: the toy pair)")
-    p.add_argument("--student", help="student: HF id or local directory (default: the toy pair)")
+    p.add_argument("--teacher", help="teacher: HF id or local directory (default: the laptop pair)")
+    p.add_argument("--student", help="student: HF id or local directory (default: the laptop pair)")
     p.add_argument("--rule", default="entropy", choices=list(selection.RULES), help="selection rule")
     p.add_argument("--keep", type=float, default=0.5, help="keep ratio per rollout, in (0, 1]")
     p.add_argument("--loss", default="reverse_kl", choices=["reverse_kl", "forward_kl", "jsd"],
@@ -345,26 +334,15 @@ def parse_args(argv=None):
     p.add_argument("--beta", type=float, default=0.5, help="JSD mixture weight, in [0, 1]")
     p.add_argument("--importance-weights", action="store_true",
                    help="weight sampled tokens by 1/p (off: the paper's plain mean)")
-    p.add_argument("--task", default="math", choices=["math", "deepplanning"],
-                   help="math: single-turn prompts from --dataset; deepplanning: multi-turn "
-                   "tool-use episodes on the DeepPlanning travel tasks in --data-dir")
-    p.add_argument("--dataset", help="HF dataset id or local .jsonl/.json/.parquet (toy: its train "
-                   f"split; real models: {OUR_DEFAULTS['dataset']}, ours)")
-    p.add_argument("--data-dir", help="DeepPlanning travel folder (data/, tools/, agent/, "
-                   "database/) or its database_en / database_zh folder")
-    p.add_argument("--max-turns", type=int, help="deepplanning: assistant turns per episode "
-                   f"(default {AGENTIC_DEFAULTS['max_turns']}, ours)")
-    p.add_argument("--max-total-tokens", type=int, help="deepplanning: prompt + every turn and tool "
-                   f"answer of an episode (default {AGENTIC_DEFAULTS['max_total_tokens']}, ours)")
-    p.add_argument("--split", default="train", help="dataset split (hub datasets)")
-    p.add_argument("--prompt-field", help="prompt column (default: auto-detect)")
-    p.add_argument("--max-prompt-length", type=int, help="longer prompts are skipped, never "
-                   "truncated (default 2048, the paper's, Table 9; deepplanning "
-                   f"{AGENTIC_DEFAULTS['max_prompt_length']}, ours)")
+    default = tasks.TASKS[tasks.DEFAULT]
+    tasks.add_flags(p, dataset_help="HF dataset id or local .jsonl/.json/.parquet (laptop pair: its "
+                    f"train split; real models: {default.defaults.get('dataset')}, ours)")
+    p.add_argument("--max-prompt-length", type=int, help="longer prompts are skipped, never truncated "
+                   + both("max_prompt_length"))
     p.add_argument("--enable-thinking", action="store_true", help="Qwen3 chat template thinking mode")
     for flag, text in (("steps", "optimizer steps"), ("prompts-per-step", "prompts per optimizer "
                        "step (all ranks)"), ("samples-per-prompt", "rollouts per prompt"),
-                       ("max-new-tokens", "maximum response length"),
+                       ("max-new-tokens", "maximum response length (of one turn, in an episode)"),
                        ("generation-batch-size", "sequences per generate call"),
                        ("micro-batch-size", "at most this many rollouts per forward/backward"),
                        ("micro-batch-tokens", "at most this many padded positions per forward/backward"),
@@ -389,10 +367,12 @@ def parse_args(argv=None):
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint "
                    "in --output-dir")
     p.add_argument("--eval-every", type=int, default=0, help="evaluate every N steps, before the "
-                   "first and after the last (0: never; the toy run evaluates before and after)")
+                   "first and after the last (0: never; the laptop run evaluates before and after)")
     p.add_argument("--eval-before", action=argparse.BooleanOptionalAction, default=True,
                    help="when evaluating, also evaluate the student before the first step")
-    p.add_argument("--eval-benchmarks", help="comma list (default: toy for the toy pair, else math500)")
+    p.add_argument("--eval-benchmarks", help="comma list (default: the task's: " + "; ".join(
+        f"--task {t.name}: {','.join(t.default_benchmarks())}" for t in tasks.TASKS.values())
+        + f"; laptop pair: {default.laptop.get('eval_benchmarks')})")
     p.add_argument("--eval-samples", type=int, default=1, help="samples per problem (1: greedy)")
     p.add_argument("--eval-limit", type=int, help="evaluate on the first N problems only")
     tracking.add_flag(p)
@@ -406,18 +386,8 @@ def validate(args):
         raise UsageError(f"--keep must be in (0, 1], got {args.keep}")
     if not 0.0 <= args.beta <= 1.0:
         raise UsageError(f"--beta must be in [0, 1], got {args.beta}")
-    if (args.teacher is None) != (args.student is None):
-        raise UsageError("give both --teacher and --student, or neither (the toy pair)")
-    for who in ("teacher", "student"):
-        name = getattr(args, who)
-        if name and looks_like_path(name) and not os.path.isdir(os.path.expanduser(name)):
-            raise UsageError(f"--{who} {name!r} is not a directory (a local model is a folder "
-                             "written by save_pretrained)")
-    if args.task == "deepplanning" and (args.teacher is None or not args.data_dir):
-        raise UsageError("--task deepplanning needs --data-dir (the DeepPlanning travel folder), "
-                         "--teacher and --student (models whose chat template renders tools)")
-    if args.data_dir:
-        deepplanning.resolve_data_dir(args.data_dir)  # a missing or wrongly laid out folder: one line
+    check_pair(args.teacher, args.student)  # both or neither; a local model is a folder
+    tasks.check(tasks.get(args.task), vars(args))  # a flag it would ignore, its own checks: one line
     tracking.check(args.report_to)  # a chosen tracker that is not installed: one line
     for name in ("steps", "prompts_per_step", "samples_per_prompt", "max_new_tokens", "micro_batch_size",
                  "micro_batch_tokens", "generation_batch_size", "chunk_size", "max_skipped_steps",
@@ -432,23 +402,17 @@ def validate(args):
 
 
 def resolve_defaults(args):
-    """Fill the unset settings: the toy pair's laptop defaults, or the real-model ones."""
-    args.toy = args.teacher is None
-    if args.toy:
-        try:
-            args.teacher, args.student = toy.build()
-        except (FileExistsError, PermissionError) as e:
-            raise UsageError(f"cannot build the toy pair: {e}")
-        args.dataset = args.dataset or toy.split_path("train")
-        args.eval_benchmarks = args.eval_benchmarks or "toy"
-        torch.set_num_threads(toy.SETTINGS["threads"])  # the README's numbers on any core count
-    agentic = args.task == "deepplanning"
-    args.eval_benchmarks = args.eval_benchmarks or ("deepplanning" if agentic else "math500")
-    limits = {k: AGENTIC_DEFAULTS[k] for k in ("max_turns", "max_total_tokens")}
-    defaults = TOY_DEFAULTS if args.toy else {**REAL_DEFAULTS, **(AGENTIC_DEFAULTS if agentic else limits)}
-    for name, value in {**limits, **defaults}.items():
+    """Fill the unset settings: the task's laptop pair and its settings, or the real-model ones."""
+    task = tasks.get(args.task)
+    args.laptop = args.teacher is None
+    if args.laptop:  # the task's own small pair, built once into a cache
+        args.teacher, args.student, defaults = task.laptop_pair()
+    else:
+        defaults = {**REAL_DEFAULTS, **task.defaults}
+    for name, value in defaults.items():
         if getattr(args, name, None) is None:
             setattr(args, name, value)
+    args.eval_benchmarks = args.eval_benchmarks or ",".join(task.default_benchmarks())
     args.output_dir = args.output_dir or os.path.join(
         "runs", f"{time.strftime('%Y%m%d-%H%M%S')}-{args.rule}-{args.keep:g}")
     return args
@@ -477,13 +441,7 @@ def main(argv=None):
     teardown()
     if int(os.environ.get("RANK", 0)) != 0:
         return
-    evals = [r for r in history if any(k.startswith("eval/") for k in r)]
-    if args.toy and len(evals) >= 2:
-        key = next(k for k in evals[-1] if k.startswith("eval/"))
-        parts = "".join(f", {k[len(key) + 1:]} {100 * evals[0][k]:.1f}% -> {100 * evals[-1][k]:.1f}%"
-                        for k in evals[-1] if k.startswith(key + "/"))  # the toy's parts
-        print(f"held-out accuracy ({key}): before {100 * evals[0][key]:.1f}% -> "
-              f"after {100 * evals[-1][key]:.1f}%" + (f" ({parts[2:]})" if parts else ""))
+    print(evaluate.before_and_after(history) or "", end="")  # first and last evaluation, if two
     print(f"metrics and checkpoints in {args.output_dir}")
 
 

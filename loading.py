@@ -18,7 +18,7 @@ import torch
 from rollouts import position_ids
 
 INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
-PROMPT_FIELDS = ("prompt", "problem", "question", "messages", "query", "instruction", "input")
+PROMPT_FIELDS = ("prompt", "problem", "question", "messages", "query", "instruction", "input", "Problem")
 
 
 class UsageError(Exception):
@@ -26,10 +26,12 @@ class UsageError(Exception):
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows a default where there is one; a flag whose default depends on the run says so itself."""
+    """Shows a default where there is one (not None, not an empty list); a flag whose default
+    depends on the run says so itself."""
 
     def _get_help_string(self, action):
-        return action.help if action.default is None else super()._get_help_string(action)
+        unset = action.default is None or action.default == []
+        return action.help if unset else super()._get_help_string(action)
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -156,6 +158,19 @@ def check_same_tokenizer(teacher_tok, student_tok):
                          "teacher, so both must share one tokenizer")
 
 
+def check_context(models, needed, why, trust_remote_code=False):
+    """Refuse, before anything is generated, a model whose context (its config's
+    max_position_embeddings) cannot hold `needed` positions. `models`: (flag, name) pairs; `why`
+    names the settings that ask for them. A config that states no context passes."""
+    from transformers import AutoConfig
+    for flag, name in models:
+        held = getattr(AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code),
+                       "max_position_embeddings", None)
+        if held is not None and held < needed:
+            raise UsageError(f"{flag} {name!r} holds {held} positions, but this run needs {needed} "
+                             f"({why}): lower them, or choose a model with a longer context")
+
+
 def load_records(dataset, split="train"):
     """Rows of an HF dataset id, or of a local .jsonl/.json/.parquet file, as a list of dicts."""
     import datasets
@@ -238,6 +253,16 @@ def prompt_order(n, step, per_step, seed):
 
 def looks_like_path(name):
     return name.startswith(("/", "./", "../", "~")) or os.path.exists(name)
+
+
+def check_pair(teacher, student):
+    """Both --teacher and --student, or neither (the laptop pair); a local one must be a folder."""
+    if (teacher is None) != (student is None):
+        raise UsageError("give both --teacher and --student, or neither (the laptop pair)")
+    for who, name in (("teacher", teacher), ("student", student)):
+        if name and looks_like_path(name) and not os.path.isdir(os.path.expanduser(name)):
+            raise UsageError(f"--{who} {name!r} is not a directory (a local model is a folder "
+                             "written by save_pretrained)")
 
 
 def check_writable(path, flag="--output-dir"):

@@ -2,7 +2,7 @@
 
 Contract. A rule is a function `rule(stats, mask, keep, generator) -> (keep_mask, weights)`:
 - `stats`: dict of (B, T) tensors over a padded batch of B rollouts, one row per rollout, built by
-  distill.batch_statistics (the one builder, used by training, analysis, bench and the tests):
+  quadrant_inputs.batch_statistics (the one builder: training, analysis, bench and the tests):
   `entropy_norm` (h_t = H / log V), `h_hat` and `d_hat` (the per-batch normalised axes),
   `reverse_kl` (δ_t), `forward_kl` (δ_fwd), `quadrant` (1..4, Table 1; 0 outside the mask), and
   `entropy`, `student_top1(_p)`, `teacher_top1(_p)`;

@@ -27,7 +27,6 @@ into holds / fails / cannot tell for the paper's claims, as the README reports t
 Writes into --output-dir: a folder per (rule, keep, seed) with the run and its log, sweep.json
 (the settings), runs.jsonl, table.md, verdicts.md, sweep.png and carry.png.
 """
-import argparse
 import concurrent.futures
 import json
 import math
@@ -45,7 +44,7 @@ from scipy import stats as scipy_stats
 import selection
 import toy
 import tracking
-from loading import UsageError, check_writable
+from loading import ArgumentParser, UsageError, check_writable
 
 SWEEP = [("all", 1.0), ("entropy", 0.5), ("entropy", 0.2), ("entropy", 0.1),
          ("entropy-topk", 0.5), ("entropy-topk", 0.2), ("entropy-topk", 0.1), ("soft-or", 0.5),
@@ -318,10 +317,12 @@ def plot_carry(rows, configs, path, keys=("toy/carry/q3_share", "toy/carry/kept_
 def start_scores(student_dir):
     """The student's held-out accuracy before distillation, overall and per part, in percent."""
     import evaluate
+    from task_api import Settings
     from transformers import AutoModelForCausalLM, AutoTokenizer
     summary = evaluate.evaluate_benchmark(AutoModelForCausalLM.from_pretrained(student_dir),
-                                          AutoTokenizer.from_pretrained(student_dir), "toy",
-                                          max_new_tokens=toy.DISTILL_DEFAULTS["max_new_tokens"])
+                                          AutoTokenizer.from_pretrained(student_dir), "toy", Settings(
+                                              max_new_tokens=toy.DISTILL_DEFAULTS["max_new_tokens"],
+                                              temperature=0.0))
     return {"accuracy": 100 * summary["mean"],
             **{k[5:]: 100 * v for k, v in summary.items() if k.startswith("mean/")}}
 
@@ -425,9 +426,8 @@ def parse_configs(text):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="sweep.py", description="The paper's table in miniature: the "
-                                "toy student distilled under every rule x keep on paired seeds.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = ArgumentParser(prog="sweep.py", description="The paper's table in miniature: the "
+                       "toy student distilled under every rule x keep on paired seeds.")
     p.add_argument("--configs", default=",".join(f"{r}@{k:g}" for r, k in SWEEP),
                    help="comma-separated RULE@KEEP (all@1 is always added: the baseline)")
     p.add_argument("--seeds", default=",".join(map(str, SEEDS)), help="comma-separated seeds, "
@@ -436,9 +436,9 @@ def main(argv=None):
     p.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="runs at once")
     p.add_argument("--curve-every", type=int, default=50, help="evaluate every N steps too")
     p.add_argument("--teacher", help="an explicit pair instead of the toy's (with --student, "
-                   "--dataset); its held-out split is the toy cache's")
-    p.add_argument("--student")
-    p.add_argument("--dataset")
+                   "--dataset); its held-out split is the toy cache's (default: the toy pair)")
+    p.add_argument("--student", help="the explicit pair's student (default: the toy pair)")
+    p.add_argument("--dataset", help="the explicit pair's training file (default: the toy's train split)")
     p.add_argument("--output-dir", default="sweep", help="where the runs and reports go; a sweep "
                    "already there with the same settings is resumed")
     tracking.add_flag(p, runs=False)

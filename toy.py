@@ -48,7 +48,7 @@ from transformers import Qwen3Config, Qwen3ForCausalLM
 from loading import ArgumentParser, render_prompt
 from rollouts import sample
 from toy_task import (CARRY_INDEX, CHARACTERS, PARTS, SPECIAL_TOKENS, carry_flags,  # noqa: F401
-                      greedy_accuracy, last_boxed, make_item, make_problems, make_splits,
+                      greedy_accuracy, make_item, make_problems, make_splits,
                       make_tokenizer, part_accuracy)  # (re-exported: the task's names)
 
 # ---------------------------------------------------------------------------------------------

@@ -45,6 +45,7 @@ from transformers import PreTrainedTokenizerFast
 
 # The prompt is loading.py's (problem + INSTRUCTION in the chat template), so the toy models are
 # trained on exactly the text that distill.py and evaluate.py feed them.
+from grading import is_correct
 from loading import render_prompt
 from rollouts import sample
 
@@ -147,22 +148,17 @@ def carry_flags(tokenizer, rollouts):
     return flags
 
 
-def last_boxed(text):
-    found = re.findall(r"\\boxed\{([^{}]*)\}", text)
-    return found[-1] if found else None
-
-
 @torch.no_grad()
 def greedy_accuracy(model, tokenizer, items, batch_size=128, max_new_tokens=48):
-    """Share of `items` whose greedy answer boxes exactly the right answer string. This is the
-    toy's own quick check (integers only); evaluate.py grades real benchmarks. The longest
-    solution is 40 tokens with its <|im_end|>, so 48 new tokens never cut a right answer."""
+    """Share of `items` whose greedy answer boxes the right answer, graded by grading.py (as
+    evaluate.py and analysis.py grade). The longest solution is 40 tokens with its <|im_end|>, so
+    48 new tokens never cut a right answer."""
     prompts = [tokenizer(render_prompt(tokenizer, it["problem"], "problem"),
                          add_special_tokens=False)["input_ids"] for it in items]
     rollouts = sample(model, tokenizer, prompts, 1, max_new_tokens, temperature=0.0,
                       batch_size=batch_size)  # rollouts.sample: the one sampling code path
     texts = tokenizer.batch_decode(rollouts.responses, skip_special_tokens=True)
-    return sum(last_boxed(t) == it["answer"] for t, it in zip(texts, items)) / len(items)
+    return sum(is_correct(t, it["answer"]) for t, it in zip(texts, items)) / len(items)
 
 
 def part_accuracy(model, tokenizer, items):

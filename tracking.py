@@ -283,14 +283,15 @@ class Trackers:
         self.adapters = {}
 
 
-def start(args, rank, step):
-    """Open the trackers of args.report_to on rank 0 for a run that starts after `step` (0 unless
-    resumed), or refuse in one line (UsageError), leaving nothing in the output folder. Every rank
-    calls it: a refusal on rank 0 stops every rank."""
-    names, error, trackers = args.report_to if rank == 0 else [], None, Trackers()
+def start(names, output_dir, rank, step, name=None, group=None, config=None):
+    """Open the trackers `names` (--report-to) on rank 0 for the run in `output_dir` that starts
+    after `step` (0 unless resumed), named `name` (default: the folder's name) in `group`, with its
+    settings `config` (a dict); or refuse in one line (UsageError), leaving nothing in the output
+    folder. Every rank calls it: a refusal on rank 0 stops every rank."""
+    names, error, trackers = names if rank == 0 else [], None, Trackers()
     if names:
         try:
-            trackers = open_trackers(names, args, step)
+            trackers = open_trackers(names, output_dir, step, name, group, config or {})
         except UsageError as e:
             error = e
     if all_reduce_sum(float(error is not None)):  # so that no rank waits for a rank 0 that left
@@ -298,17 +299,17 @@ def start(args, rank, step):
     return trackers
 
 
-def open_trackers(names, args, step):
+def open_trackers(names, output_dir, step, name, group, config):
     """The adapters of `names`, opened in ORDER, and trackers.json written; on a failure the ones
     already open are closed and an output folder made here is removed."""
-    out = os.path.abspath(args.output_dir)
+    out = os.path.abspath(output_dir)
     ids_path = os.path.join(out, IDS_FILE)
     resuming = step > 0
     ids = json.load(open(ids_path)) if resuming and os.path.isfile(ids_path) else {}
-    run = {"name": ids.get("name") or getattr(args, "run_name", None) or os.path.basename(out),
-           "group": getattr(args, "run_group", None), "output_dir": out, "start": step,
+    run = {"name": ids.get("name") or name or os.path.basename(out),
+           "group": group, "output_dir": out, "start": step,
            "resuming": resuming, "ids": ids,
-           "config": {**dict(sorted(vars(args).items())), "output_dir": out}}
+           "config": {**dict(sorted(config.items())), "output_dir": out}}
     ids["name"] = run["name"]
     created = not os.path.isdir(out)
     opened = {}

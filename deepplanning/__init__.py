@@ -31,20 +31,22 @@ One concept per file, read in this order (each imports only the ones above it, a
   sandbox.py   Sandbox: the official loop's rules around the tools
   plan.py      extract_plan, parse_plan: the final answer -> the converted-plan JSON
   score.py     score_plan, score_episode: the hard-constraint verdicts
-  episodes.py  the episode prompt, play, distill.py's training rollouts, evaluate.py's benchmark
+  episodes.py  the episode prompt, play, the held-out benchmark and its table
+  task.py      DeepPlanningTask: what distill.py, evaluate.py and analysis.py run (task_api.Task)
   __main__.py  `python -m deepplanning DATA_DIR` writes the split
 Only episodes.py touches a model (and torch); the ~600 lines above it reproduce upstream.
 """
 from .data import (SPLIT_PATH, Task, load_tasks, make_split, resolve_data_dir, split_ids, split_tasks,
                    system_prompt, tool_schemas)
 from .episodes import (EPISODE_METRICS, episode_prompt, evaluate, markdown_table, play, record,
-                       training_rollouts, training_tasks)
+                       training_tasks)
 from .plan import extract_plan, parse_plan
 from .sandbox import Sandbox
+from .task import DeepPlanningTask
 from .score import score_episode, score_plan
 from .tools import TOOLS
 
 __all__ = ["SPLIT_PATH", "Task", "load_tasks", "make_split", "resolve_data_dir", "split_ids", "split_tasks",
            "system_prompt", "tool_schemas", "TOOLS", "Sandbox", "extract_plan", "parse_plan", "score_plan",
            "score_episode", "EPISODE_METRICS", "episode_prompt", "training_tasks", "play", "record",
-           "training_rollouts", "evaluate", "markdown_table"]
+           "evaluate", "markdown_table", "DeepPlanningTask"]

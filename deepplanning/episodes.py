@@ -1,11 +1,11 @@
 """Episodes: a task's prompt, playing it with a model in its sandbox, scoring what it delivered;
-distill.py's training rollouts and evaluate.py's benchmark and table.
+the benchmark and its table (task.py turns these into the task distill.py and evaluate.py run).
 """
 import torch
 
 from loading import UsageError
 from parallel import rank, shared_map
-from rollouts import as_rollouts, run_episodes
+from rollouts import run_episodes
 
 from .data import resolve_data_dir, split_tasks, system_prompt, tool_schemas
 from .sandbox import Sandbox
@@ -58,18 +58,6 @@ def record(task, episode, verdict):
 
 
 EPISODE_METRICS = ("turns", "tool_calls", "tokens", "delivered", "hard_fraction", "truncated")
-
-
-def training_rollouts(student, tokenizer, tasks, args):
-    """distill.py's sampling step on DeepPlanning: args.samples_per_prompt episodes per task, as a
-    Rollouts record whose masks keep only the student's own tokens, and the step's sums of
-    EPISODE_METRICS over its episodes (with their count, "episodes")."""
-    played = play(student, tokenizer, tasks, args.samples_per_prompt, args.max_turns,
-                  args.max_new_tokens, args.max_total_tokens, args.temperature, args.top_p,
-                  args.generation_batch_size, args.enable_thinking)
-    records = [record(*p) for p in played]
-    sums = {k: sum(float(r[k]) for r in records) for k in EPISODE_METRICS}
-    return as_rollouts([e for _, e, _ in played]), {**sums, "episodes": len(records)}
 
 
 def evaluate(model, tokenizer, data_dir, samples=1, temperature=0.0, top_p=1.0, max_new_tokens=4096,

@@ -46,7 +46,8 @@ def test_two_training_steps_on_episodes(pair, tmp_path):
     r = run("distill.py", "--task", "deepplanning", "--teacher", teacher, "--student", student,
             "--data-dir", DB, "--rule", "q3", "--keep", "0.2", "--steps", "2",
             "--prompts-per-step", "1", "--samples-per-prompt", "2", "--max-new-tokens", "6",
-            "--max-turns", "2", "--micro-batch-size", "2", "--output-dir", str(out), cwd=tmp_path)
+            "--max-turns", "2", "--max-total-tokens", "8192", "--micro-batch-size", "2",
+            "--output-dir", str(out), cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]
     records = [json.loads(line) for line in open(out / "metrics.jsonl")]
     assert [rec["step"] for rec in records] == [1, 2]
@@ -101,6 +102,13 @@ def test_a_scripted_policy_scores_one_through_the_evaluator(pair, monkeypatch):
 @pytest.mark.parametrize("args,message", [
     (["--task", "deepplanning"], "--task deepplanning needs --data-dir"),
     (["--task", "deepplanning", "--data-dir", "/no/such/folder"], "/no/such/folder"),
+    (["--task", "deepplanning", "--data-dir", DB, "--dataset", "x.jsonl"],
+     "--dataset does not apply to --task deepplanning"),
+    (["--task", "deepplanning", "--data-dir", DB, "--split", "test"], "--split does not apply"),
+    (["--max-turns", "3"], "--max-turns does not apply to --task math"),
+    # the tiny models hold 16384 positions; an episode may grow to 40960 (the default): refused
+    # before anything is generated, not a 34 GB allocation in generate
+    (["--task", "deepplanning", "--data-dir", DB], "holds 16384 positions, but this run needs 40960"),
 ])
 def test_bad_agentic_input_one_line_exit_2(pair, tmp_path, args, message):
     teacher, student = pair
@@ -113,9 +121,10 @@ def test_bad_agentic_input_one_line_exit_2(pair, tmp_path, args, message):
 def test_the_quadrant_analysis_runs_on_episodes(pair, tmp_path):
     teacher, student = pair
     out = tmp_path / "analysis"
-    r = run("analysis.py", "--teacher", teacher, "--student", student, "--data-dir", DB,
+    r = run("analysis.py", "--teacher", teacher, "--student", student, "--task", "deepplanning",
+            "--data-dir", DB,
             "--prompts", "1", "--samples-per-prompt", "2", "--max-new-tokens", "5",
-            "--max-turns", "2", "--output-dir", str(out), cwd=tmp_path)
+            "--max-turns", "2", "--max-total-tokens", "8192", "--output-dir", str(out), cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.startswith("10 response tokens from 2 rollouts")  # generated tokens only
     assert "| Q3 low h, high δ |" in r.stdout and (out / "tokens.html").is_file()

@@ -9,7 +9,8 @@ import torch
 
 import analysis
 import loading
-import distill
+import math_task
+import quadrant_inputs
 import tip
 from helpers import make_tiny_pair, write_jsonl
 
@@ -27,8 +28,8 @@ def fixed_batch():
 
 def test_quadrant_table_matches_direct_computation():
     flat, mask = fixed_batch()
-    out, (th, td) = distill.rule_inputs(flat, mask, h_threshold=0.5, d_threshold=0.5,
-                                        return_thresholds=True)
+    out, (th, td) = quadrant_inputs.rule_inputs(flat, mask, h_threshold=0.5, d_threshold=0.5,
+                                                return_thresholds=True)
     rows = analysis.quadrant_table(out, mask)
     stats = tip.to_padded(flat, mask)
     h_hat = tip.normalize_entropy(stats["entropy"], mask)
@@ -49,7 +50,7 @@ def test_quadrant_table_matches_direct_computation():
 
 def test_coverage_table_matches_direct_computation():
     flat, mask = fixed_batch()
-    stats = distill.rule_inputs(flat, mask)
+    stats = quadrant_inputs.rule_inputs(flat, mask)
     rows = analysis.coverage_table(stats, mask, ["soft-or", "entropy-topk"], [0.5], seed=0)
     import selection
     for row in rows:
@@ -92,7 +93,7 @@ def test_analysis_cli_prints_tables_and_writes_files(cli_run):
 
 def test_plots_draw_the_data(tmp_path):
     flat, mask = fixed_batch()
-    stats, thresholds = distill.rule_inputs(flat, mask, return_thresholds=True)
+    stats, thresholds = quadrant_inputs.rule_inputs(flat, mask, return_thresholds=True)
     drawn = analysis.plot_quadrants(stats, mask, thresholds, tmp_path / "q.png")
     assert drawn == {q: int(((stats["quadrant"] == q) & mask).sum()) for q in range(1, 5)}
     rows = analysis.coverage_table(stats, mask, ["soft-or", "q3"], [0.5, 0.2])
@@ -164,7 +165,7 @@ def test_first_wrong_quadrants_finds_the_first_departure_from_the_reference():
     for b in range(4):
         cols = mask[b].nonzero().flatten()
         quadrant[b, cols] = torch.arange(len(cols)) % 4 + 1
-    counts = analysis.first_wrong_quadrants(rollouts, {"quadrant": quadrant}, mask, tok, records, 2)
+    counts = math_task.first_wrong_quadrants(rollouts, {"quadrant": quadrant}, mask, tok, records, 2)
     # Rollout 0 departs at index 22 (the carry of line 3) -> Q3; rollout 2 at index 16 (the sum's
     # units digit of line 2) -> Q1; rollout 3 at the boxed answer's first digit, index 34 -> Q3.
     first = [22, 16, 34]
@@ -172,3 +173,21 @@ def test_first_wrong_quadrants_finds_the_first_departure_from_the_reference():
             records[1]["solution"][34]] == ["1", "7", "5"]
     assert counts == {"all": [1, 0, 2, 0], "misconception": [0, 0, 1, 0], "other": [1, 0, 1, 0]}
     assert [j % 4 + 1 for j in first] == [3, 1, 3]
+
+
+def test_first_wrong_quadrants_grades_with_math_verify(tmp_path):
+    """A right answer in another form (\\frac12 for \\frac{1}{2}, 0.5) is right, as evaluate.py
+    grades it: only the rollout that boxes 1/3 is wrong. (A `[^{}]*` regex and string equality
+    counted the three right ones as wrong too.)"""
+    from helpers import make_tool_tokenizer
+    from rollouts import Rollouts, collate
+    answers = ["\\boxed{\\frac{1}{2}}", "so \\boxed{\\frac12}", "\\boxed{0.5}", "\\boxed{\\frac{1}{3}}"]
+    record = {"problem": "Half of one?", "answer": "\\frac{1}{2}", "solution": "It is \\boxed{\\frac{1}{2}}"}
+    tok = make_tool_tokenizer([record["solution"], *answers] * 20, vocab_size=400)
+    prompts = [tok("Half of one?")["input_ids"]] * 4
+    responses = [tok(a + tok.eos_token)["input_ids"] for a in answers]
+    _, _, mask = collate(prompts, responses, tok.pad_token_id)
+    quadrant = torch.where(mask, 3, 0)  # (4, L): every response position in Q3
+    counts = math_task.first_wrong_quadrants(Rollouts(prompts, responses), {"quadrant": quadrant},
+                                            mask, tok, [record], 4)
+    assert counts == {"all": [0, 0, 1, 0]}

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import distill
+import quadrant_inputs
 import loading
 import memory
 import selection
@@ -18,7 +19,7 @@ from rollouts import collate, pad_id
 from test_distill import _cfg, load_pair, naive_loss, pair, rollouts_for  # noqa: F401 (fixture)
 
 # ---------------------------------------------------------------------------------------------
-# The rule input: distill.batch_statistics against per-sequence, unpadded, full-logit float64 math
+# The rule input: quadrant_inputs.batch_statistics against per-sequence, unpadded, full-logit float64 math
 # ---------------------------------------------------------------------------------------------
 
 
@@ -58,8 +59,8 @@ def test_batch_statistics_equal_an_independent_reference(pair):
     rollouts = rollouts_for(tok, student, n_prompts=3, samples=2)
     ids, attn, mask = collate(rollouts.prompts, rollouts.responses, pad_id(tok))
     with torch.no_grad():
-        stats = distill.batch_statistics(hidden_states(student, ids, attn), lm_head(student),
-                                         hidden_states(teacher, ids, attn), lm_head(teacher), mask, 3)
+        stats = quadrant_inputs.batch_statistics(hidden_states(student, ids, attn), lm_head(student),
+                                                 hidden_states(teacher, ids, attn), lm_head(teacher), mask, 3)
     ref = reference_statistics(student, teacher, rollouts)
     assert set(stats) >= {"entropy", "entropy_norm", "h_hat", "d_hat", "reverse_kl", "forward_kl",
                           "quadrant"}
@@ -88,8 +89,8 @@ def test_a_threshold_rule_trains_on_the_mean_of_what_it_keeps(pair):
     grads = [p.grad.clone() for p in student.parameters()]
     ids, attn, mask = collate(rollouts.prompts, rollouts.responses, pad_id(tok))
     with torch.no_grad():
-        stats = distill.batch_statistics(hidden_states(student, ids, attn), lm_head(student),
-                                         hidden_states(teacher, ids, attn), lm_head(teacher), mask, 512)
+        stats = quadrant_inputs.batch_statistics(hidden_states(student, ids, attn), lm_head(student),
+                                                 hidden_states(teacher, ids, attn), lm_head(teacher), mask, 512)
     kept = (stats["d_hat"] > 0.7) & mask
     budget = selection.budget(mask, 0.5).sum().item()
     assert 0 < kept.sum().item() != budget  # a count of its own, not the keep ratio's

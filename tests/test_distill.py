@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import distill
+import quadrant_inputs
 import loading
 import selection
 import tip
@@ -99,9 +100,9 @@ def test_step_loss_on_selected_positions_equals_naive(pair, rule, keep):
     # reproduce the same selection by hand (one micro-batch, opd_step's layout), then the naive loss
     ids, attn, mask = collate(rollouts.prompts, rollouts.responses, cfg.pad_id, align=False)
     with torch.no_grad():
-        stats = distill.batch_statistics(hidden_states(student, ids, attn),
-                                         lm_head(student), hidden_states(teacher, ids, attn),
-                                         lm_head(teacher), mask, 3)
+        stats = quadrant_inputs.batch_statistics(hidden_states(student, ids, attn),
+                                                 lm_head(student), hidden_states(teacher, ids, attn),
+                                                 lm_head(teacher), mask, 3)
     kept, _ = selection.select(rule, stats, mask, keep, torch.Generator().manual_seed(5))
     student.zero_grad()
     ref, _ = naive_loss(student, teacher, rollouts, cfg.pad_id, kept=kept, align=False)
@@ -132,7 +133,7 @@ def test_followed_token_groups_are_logged_where_they_sit(pair):
     marked = collate(rollouts.prompts, rollouts.responses, cfg.pad_id, rollouts.followed["g"],
                      align=False)[2]
     with torch.no_grad():
-        stats, thresholds = distill.batch_statistics(
+        stats, thresholds = quadrant_inputs.batch_statistics(
             hidden_states(student, ids, attn), lm_head(student), hidden_states(teacher, ids, attn),
             lm_head(teacher), mask, 512, return_thresholds=True)
     kept, _ = selection.select("entropy", stats, mask, 0.5, torch.Generator().manual_seed(5))
@@ -227,8 +228,8 @@ def test_student_equal_to_teacher_gives_zero_loss(pair):
     ids, attn, mask = collate(rollouts.prompts, rollouts.responses, pad_id(tok))
     with torch.no_grad():
         h = hidden_states(student, ids, attn)
-        stats = distill.batch_statistics(h, lm_head(student), hidden_states(twin, ids, attn),
-                                         lm_head(twin), mask, 4)
+        stats = quadrant_inputs.batch_statistics(h, lm_head(student), hidden_states(twin, ids, attn),
+                                                 lm_head(twin), mask, 4)
     assert stats["reverse_kl"][mask].abs().max() < 1e-5
     metrics = distill.opd_step(student, twin, rollouts, _cfg(tok), torch.Generator().manual_seed(0),
                                {})
@@ -363,8 +364,8 @@ def test_twenty_steps_lower_the_reverse_kl_on_fresh_rollouts(pair):
         r = sample(student, tok, fresh, 4, 10)
         ids, attn, mask = collate(r.prompts, r.responses, pad_id(tok))
         with torch.no_grad():
-            s = distill.batch_statistics(hidden_states(student, ids, attn), lm_head(student),
-                                         hidden_states(teacher, ids, attn), lm_head(teacher), mask, 512)
+            s = quadrant_inputs.batch_statistics(hidden_states(student, ids, attn), lm_head(student),
+                                                 hidden_states(teacher, ids, attn), lm_head(teacher), mask, 512)
         return s["reverse_kl"][mask].mean().item()
 
     before = fresh_kl()

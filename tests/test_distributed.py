@@ -12,6 +12,7 @@ import torch
 import torch.multiprocessing as mp
 
 import distill
+import quadrant_inputs
 import evaluate
 import loading
 import parallel
@@ -20,6 +21,7 @@ import selection
 from loading import hidden_states, lm_head
 from rollouts import Rollouts, collate
 from helpers import make_tiny_pair, write_jsonl
+from task_api import Settings
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROMPTS = [[1, 40, 41, 42, 2, 1, 50], [1, 43, 2, 1, 50], [1, 44, 45, 2, 1, 50], [1, 46, 2, 1, 50]]
@@ -44,9 +46,9 @@ def worker(rank, world, port, pair, out):
     # the selection, by the same functions opd_step uses, as kept response-token indices
     ids, attn, mask = collate(rollouts.prompts, rollouts.responses, 0)
     with torch.no_grad():
-        stats = distill.batch_statistics(hidden_states(student, ids, attn),
-                                         lm_head(student), hidden_states(teacher, ids, attn),
-                                         lm_head(teacher), mask, 3)
+        stats = quadrant_inputs.batch_statistics(hidden_states(student, ids, attn),
+                                                 lm_head(student), hidden_states(teacher, ids, attn),
+                                                 lm_head(teacher), mask, 3, gather=parallel.gather)
     kept, _ = selection.select("soft-or", stats, mask, 0.5)
     mine = [[i for i, k in enumerate(kept[b][mask[b]].tolist()) if k] for b in range(len(kept))]
     # SGD, so that weight differences are gradient differences (Adam's first step divides by |g|
@@ -60,8 +62,9 @@ def worker(rank, world, port, pair, out):
     # The evaluation: each rank samples its share of 5 problems (greedy), the rows are gathered.
     tok = loading.load_tokenizer(pair[1])
     problems = [{"problem": f"{a}+{a}=?", "answer": str(2 * a)} for a in range(5)]
-    _, rows = evaluate.evaluate_benchmark(student, tok, "mini", problems=problems, max_new_tokens=4,
-                                          batch_size=2, return_rows=True)
+    _, rows = evaluate.evaluate_benchmark(student, tok, "mini", Settings(max_new_tokens=4, batch_size=2,
+                                                                        temperature=0.0),
+                                          problems=problems, return_rows=True)
     # Episodes: rank 0 plays two, rank 1 one, one per generate call, so the ranks need different
     # numbers of calls; a deadlock here would hang the test.
     episodes = ro.run_episodes(student, tok, PROMPTS[:2 - rank], [lambda n, a: "{}"] * 2,

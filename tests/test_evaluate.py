@@ -11,6 +11,9 @@ import pytest
 
 import loading
 import evaluate
+import math_task
+import grading
+from task_api import Settings
 from rollouts import Rollouts
 from helpers import make_tiny_pair, write_jsonl
 
@@ -34,12 +37,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     (r"\boxed{", None),
 ])
 def test_extract_boxed(text, expected):
-    assert evaluate.extract_boxed(text) == expected
+    assert grading.extract_boxed(text) == expected
 
 
 def test_box_inside_thinking_is_a_draft():
-    assert evaluate.is_correct(r"<think>maybe \boxed{2}</think> so \boxed{3}", "3")
-    assert not evaluate.is_correct(r"<think>maybe \boxed{3}</think> I give up", "3")
+    assert grading.is_correct(r"<think>maybe \boxed{2}</think> so \boxed{3}", "3")
+    assert not grading.is_correct(r"<think>maybe \boxed{3}</think> I give up", "3")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -60,22 +63,22 @@ REJECT = [
 
 @pytest.mark.parametrize("gold, answer", ACCEPT)
 def test_math_verify_accepts(gold, answer):
-    assert evaluate.is_correct(f"The answer is $\\boxed{{{answer}}}$.", gold)
+    assert grading.is_correct(f"The answer is $\\boxed{{{answer}}}$.", gold)
 
 
 @pytest.mark.parametrize("gold, answer", REJECT)
 def test_math_verify_rejects(gold, answer):
-    assert not evaluate.is_correct(f"The answer is $\\boxed{{{answer}}}$.", gold)
+    assert not grading.is_correct(f"The answer is $\\boxed{{{answer}}}$.", gold)
 
 
 def test_no_box_is_wrong_even_with_the_right_number():
-    assert not evaluate.is_correct("The answer is 3.", "3")
+    assert not grading.is_correct("The answer is 3.", "3")
 
 
 def test_grading_works_outside_the_main_thread():
     # math-verify's default timeout uses signal.alarm, which raises outside the main thread
     out = {}
-    thread = threading.Thread(target=lambda: out.update(ok=evaluate.is_correct(r"\boxed{0.5}",
+    thread = threading.Thread(target=lambda: out.update(ok=grading.is_correct(r"\boxed{0.5}",
                                                                                r"\frac{1}{2}")))
     thread.start()
     thread.join()
@@ -90,11 +93,11 @@ def test_mean_at_k_on_a_fixed_matrix():
     verdicts = [[1, 0, 1, 1],
                 [0, 0, 1, 0],
                 [0, 0, 0, 0]]  # per-sample accuracies 1/3, 0, 2/3, 1/3
-    m = evaluate.mean_at_k(verdicts)
+    m = math_task.mean_at_k(verdicts)
     assert m["mean"] == pytest.approx(1 / 3)
     assert m["std"] == pytest.approx(math.sqrt((0 + 1 / 9 + 1 / 9 + 0) / 4))  # population std
     assert m["pass_at_k"] == pytest.approx(2 / 3)
-    assert evaluate.mean_at_k([[1], [0]]) == {"mean": 0.5, "std": 0.0, "pass_at_k": 0.5}
+    assert math_task.mean_at_k([[1], [0]]) == {"mean": 0.5, "std": 0.0, "pass_at_k": 0.5}
 
 
 PROBLEMS = [{"problem": "p0", "answer": r"\frac{1}{2}"}, {"problem": "p1", "answer": "7"}]
@@ -104,13 +107,13 @@ VERDICTS = [[1, 0], [0, 0]]
 
 
 def test_score_on_completions_with_known_verdicts():
-    summary, rows = evaluate.score("demo", PROBLEMS, COMPLETIONS, [4, 6, 8, 10],
+    summary, rows = math_task.score("demo", PROBLEMS, COMPLETIONS, [4, 6, 8, 10],
                                    [False, False, False, True], samples=2)
     assert [r["correct"] for r in rows] == [bool(v) for row in VERDICTS for v in row]
     assert [(r["index"], r["sample"]) for r in rows] == [(0, 0), (0, 1), (1, 0), (1, 1)]
     assert [r["extracted"] for r in rows] == ["0.5", "1/3", "8", None]
     assert summary == {"benchmark": "demo", "n_problems": 2, "samples": 2,
-                       **evaluate.mean_at_k(VERDICTS), "no_box": 0.25, "truncated": 0.25,
+                       **math_task.mean_at_k(VERDICTS), "no_box": 0.25, "truncated": 0.25,
                        "response_length": 7.0}
     assert summary["mean"] == 0.25 and summary["pass_at_k"] == 0.5 and summary["std"] == 0.25
 
@@ -129,10 +132,10 @@ def test_evaluate_benchmark_grades_what_sample_returns(tmp_path, monkeypatch):
         return Rollouts(prompts=[p for p in prompts for _ in range(samples_per_prompt)],
                                 responses=ids)
 
-    monkeypatch.setattr(evaluate, "sample", fake_sample)
+    monkeypatch.setattr(math_task, "sample", fake_sample)
     data = write_jsonl(tmp_path / "mini.jsonl", PROBLEMS)
-    summary, rows = evaluate.evaluate_benchmark(model, tokenizer, "mini", samples=2,
-                                                temperature=1.0, data=data, return_rows=True)
+    summary, rows = evaluate.evaluate_benchmark(model, tokenizer, "mini", Settings(samples=2, temperature=1.0),
+                                                data=data, return_rows=True)
     assert len(seen["prompts"]) == 2 and loading.INSTRUCTION in seen["prompts"][0]
     assert "p0" in seen["prompts"][0] and "<|im_start|>assistant" in seen["prompts"][0]
     assert [r["completion"] for r in rows] == COMPLETIONS  # EOS stripped by the decode
@@ -144,12 +147,13 @@ def test_evaluate_benchmark_grades_what_sample_returns(tmp_path, monkeypatch):
 def test_gold_from_the_last_box_of_the_solution(tmp_path):
     path = write_jsonl(tmp_path / "sol.jsonl", [
         {"question": "q", "solution": r"First \boxed{1}, finally $\boxed{\frac{3}{4}}$."}])
-    assert evaluate.load_benchmark("sol", path) == [{"problem": "q", "answer": r"\frac{3}{4}"}]
+    assert math_task.load_benchmark("sol", path) == [{"problem": "q", "field": "question",
+                                                      "answer": r"\frac{3}{4}"}]
     # a row without the answer another row has falls back to its own solution; ints become text
     path = write_jsonl(tmp_path / "mixed.jsonl", [{"problem": "a", "solution": r"\boxed{2}"},
                                                   {"problem": "b", "solution": "-", "answer": 4}])
-    assert [p["answer"] for p in evaluate.load_benchmark("mixed", path)] == ["2", "4"]
-    assert len(evaluate.load_benchmark("mixed", path, limit=1)) == 1
+    assert [p["answer"] for p in math_task.load_benchmark("mixed", path)] == ["2", "4"]
+    assert len(math_task.load_benchmark("mixed", path, limit=1)) == 1
 
 
 # ---------------------------------------------------------------------------------------------
@@ -184,7 +188,7 @@ def test_cli_end_to_end_on_a_tiny_model(tmp_path):
     assert {r["gold"] for r in rows} == {"2", "4", "6"}
     # the summary is the arithmetic of the rows, whatever a random model wrote
     verdicts = [[int(r["correct"]) for r in rows if r["index"] == i] for i in range(3)]
-    for key, value in evaluate.mean_at_k(verdicts).items():
+    for key, value in math_task.mean_at_k(verdicts).items():
         assert summary[key] == pytest.approx(value)
     assert summary["no_box"] == pytest.approx(sum(r["extracted"] is None for r in rows) / 6)
 
@@ -216,6 +220,14 @@ def test_cli_bad_data_exits_2_before_loading_a_model(tmp_path, capsys, rows, mes
     assert not (tmp_path / "out").exists()
 
 
+def test_cli_refuses_a_flag_no_chosen_benchmark_reads(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate.main(["--model", "m", "--benchmarks", "math500", "--max-turns", "3"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1
+    assert "--max-turns does not apply to --benchmarks math500" in err
+
+
 def test_cli_refuses_greedy_with_several_samples(capsys):
     with pytest.raises(SystemExit) as exit_info:
         evaluate.main(["--model", "m", "--samples", "4", "--temperature", "0"])
@@ -226,7 +238,7 @@ def test_toy_heldout_solutions_grade_as_correct():
     toy = pytest.importorskip("toy")
     if not hasattr(toy, "split_path") or not os.path.isfile(toy.split_path("heldout")):
         pytest.skip("the toy cache is not built (run `python toy.py`)")
-    problems = evaluate.load_benchmark("toy", limit=20)
+    problems = math_task.load_benchmark("toy", limit=20)
     rows = [json.loads(line) for line in open(toy.split_path("heldout"))][:20]
     assert [p["answer"] for p in problems] == [r["answer"] for r in rows]
-    assert all(evaluate.is_correct(r["solution"], r["answer"]) for r in rows)
+    assert all(grading.is_correct(r["solution"], r["answer"]) for r in rows)

@@ -17,10 +17,10 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAYERS = {  # a module may import only from its own layer or the ones below, and never in a circle
-    "tip": 0, "selection": 0, "closed_form": 0,
-    "parallel": 1, "rollouts": 1, "loading": 1, "checkpoint": 1, "memory": 1, "tracking": 1,
-    "toy_task": 2, "toy": 2, "evaluate": 2, "deepplanning": 2,
-    "distill": 3,
+    "tip": 0, "selection": 0, "closed_form": 0, "quadrant_inputs": 0,
+    "parallel": 1, "grading": 1, "task_api": 1, "rollouts": 1, "loading": 1, "checkpoint": 1, "memory": 1, "tracking": 1,
+    "toy_task": 2, "toy": 2, "math_task": 2, "deepplanning": 2, "tasks": 2,
+    "evaluate": 3, "distill": 3,
     "analysis": 4, "sweep": 4, "bench": 4,
 }
 

@@ -140,3 +140,16 @@ def test_non_finite_step_is_skipped_and_counted(pair, tmp_path, monkeypatch, cap
         distill.main(tiny(pair, tmp_path / "run2", "--steps", "3", "--max-skipped-steps", "1"))
     assert exit_info.value.code == 1
     assert "1 steps in a row had a non-finite" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("module,argv", [("distill", []), ("evaluate", []), ("analysis", []),
+                                         ("analysis", ["plot"]), ("sweep", []), ("bench", []),
+                                         ("toy", []), ("deepplanning.__main__", [])])
+def test_every_help_shows_defaults_as_values(module, argv, capsys):
+    """--help prints each default as its value: never `(default: None)` or an empty list."""
+    import importlib
+    with pytest.raises(SystemExit) as exit_:
+        importlib.import_module(module).main([*argv, "--help"])
+    out = capsys.readouterr().out
+    assert exit_.value.code == 0 and "usage:" in out
+    assert "None" not in out and "default: []" not in out, out

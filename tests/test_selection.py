@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-import distill
+import quadrant_inputs
 import selection
 
 
@@ -18,7 +18,7 @@ def make_batch(seed=0, b=5, t=40):
     flat = {"entropy": entropy[mask], "entropy_norm": entropy[mask] / math.log(100),
             "reverse_kl": (torch.rand(b, t, generator=g) ** 3)[mask],
             "forward_kl": (torch.rand(b, t, generator=g) ** 3)[mask]}
-    return distill.rule_inputs(flat, mask), mask  # the rule input, as training builds it
+    return quadrant_inputs.rule_inputs(flat, mask), mask  # the rule input, as training builds it
 
 
 PAPER_RULES = [r for r in selection.RULES if r != "d-hat-above-0.7"]  # the ⌊ρ·m⌋ rules

@@ -9,6 +9,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+import grading
 import loading
 import toy
 import toy_task
@@ -74,7 +75,7 @@ def test_items_are_correct_worked_additions():
         assert item["answer"] == str(a + b)  # recomputed, not read from the generator
         lines = item["solution"].split("\n")
         assert len(lines) == 4 and lines[-1] == f"\\boxed{{{a + b}}}"
-        assert toy.last_boxed(item["solution"]) == item["answer"]
+        assert grading.extract_boxed(item["solution"]) == item["answer"]
         carry = 0  # each column line is right, and carries the previous line's tens digit
         for col, line in enumerate(lines[:-1]):
             x, y, c, total = map(int, re.fullmatch(r"(\d)\+(\d)\+(\d)=(\d\d)", line).groups())
@@ -189,8 +190,6 @@ def test_greedy_accuracy_grades_the_last_box(monkeypatch):
                                               (999, 999), (5, 6), (50, 60), (500, 600), (7, 8)]]
     # Right: calls 2, 4, 6, 8 (even and with a box); 0 has no box; odd ones are off by one.
     assert toy.greedy_accuracy(None, tok, items, batch_size=4) == 0.4
-    assert toy.last_boxed("\\boxed{1} then \\boxed{23}") == "23"
-    assert toy.last_boxed("no box") is None
 
 
 # ---------------------------------------------------------------------------------------------

@@ -85,6 +85,12 @@ def check_picture(image, table, record):
 
 
 @needs_trackers
+def start(args, rank):
+    """tracking.start as distill.train calls it, for a run from step 0."""
+    return tracking.start(args.report_to, args.output_dir, rank, 0, args.run_name, args.run_group,
+                          vars(args))
+
+
 def test_trackio_holds_every_value_of_metrics_jsonl_and_the_pictures(run):
     records, out, trackio_dir = run
     code = ("import json, sys; from trackio.sqlite_storage import SQLiteStorage; "
@@ -284,7 +290,7 @@ def test_when_a_later_tracker_cannot_start_the_earlier_ones_are_closed(tiny, tmp
     monkeypatch.setitem(tracking.ADAPTERS, "tensorboard", Late)
     args = distill.parse_args(tiny + ["--report-to", "tensorboard,trackio"])
     with pytest.raises(distill.UsageError, match="tensorboard: cannot start"):
-        tracking.start(args, 0, 0)
+        start(args, 0)
     assert [r.closed for r in Recorder.opened] == [True] and not (tmp_path / "out").exists()
 
 
@@ -312,11 +318,11 @@ def scalars_of(record):
 
 def test_only_rank_0_reports(tiny, tmp_path):
     args = distill.parse_args(tiny + ["--report-to", "trackio,wandb,tensorboard"])
-    trackers = tracking.start(args, 1, 0)
+    trackers = start(args, 1)
     assert trackers.adapters == {} and trackers.tokens() is None and Recorder.opened == []
     trackers.log({"step": 1, "loss": 0.5})  # a no-op
     assert not (tmp_path / "out").exists()
-    assert list(tracking.start(args, 0, 0).adapters) == ["trackio", "wandb", "tensorboard"]
+    assert list(start(args, 0).adapters) == ["trackio", "wandb", "tensorboard"]
 
 
 def test_the_sweep_reports_one_run_per_configuration_and_seed_grouped(tiny, tmp_path):
@@ -330,7 +336,7 @@ def test_the_sweep_reports_one_run_per_configuration_and_seed_grouped(tiny, tmp_
                               settings, pair, report_to=["trackio", "wandb"])
         args = distill.parse_args(flags)
         assert args.report_to == ["trackio", "wandb"]
-        tracking.start(args, 0, 0).close()
+        start(args, 0).close()
     assert [(r.run["name"], r.run["group"], r.run["output_dir"]) for r in Recorder.opened] == [
         (f"sw-soft-or-0.5-seed{seed}", "sw-soft-or-0.5", str(tmp_path / "sw" / f"soft-or-0.5-seed{seed}"))
         for seed in (0, 1) for _ in ("trackio", "wandb")]
