@@ -119,7 +119,7 @@ SETTINGS = dict(
     model=dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4,
                num_attention_heads=4, num_key_value_heads=2, head_dim=32),
     n_train=20000, n_heldout=500, steps=800, batch_size=32, lr=3e-3,
-    student_from_step=175, student_steps=100, student_lr=3e-3, carry_weight=100.0, threads=1,
+    student_from_step=250, student_steps=100, student_lr=3e-3, carry_weight=1000.0, threads=1,
 )
 QUICK = dict(  # a build of a few seconds for the tests: the same code path, tiny everything
     model=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
