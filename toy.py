@@ -299,6 +299,7 @@ def ship(cache_dir):
         rollouts = sample(student.eval(), tokenizer, prompts, 4, DISTILL_DEFAULTS["max_new_tokens"])
         with open(os.path.join(tmp, "sample.json"), "w") as f:
             json.dump({"prompts": rollouts.prompts, "responses": rollouts.responses}, f)
+        os.chmod(tmp, 0o755)  # mkdtemp's 0700 is for a scratch folder, not a shipped one
         if os.path.exists(SHIPPED):
             os.replace(SHIPPED, tmp + ".old")
         os.replace(tmp, SHIPPED)
