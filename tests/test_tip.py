@@ -249,13 +249,14 @@ LOSSES = [("reverse_kl", 0.5), ("forward_kl", 0.5), ("jsd", 0.5), ("jsd", 0.1), 
 
 
 @pytest.mark.parametrize("loss,beta", LOSSES)
-def test_closed_form_value_and_gradient_equal_autograd_in_float64(loss, beta):
+@pytest.mark.parametrize("block", [None, 1, 7])  # None: the device's (here all 40 rows at once)
+def test_closed_form_value_and_gradient_equal_autograd_in_float64(loss, beta, block):
     zs, zt = _extreme_logits()
     w = torch.rand(zs.shape[0], generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     ref_zs = zs.clone().requires_grad_()
     ref = _plain(loss, beta, ref_zs, zt)  # (n,)
     (ref * w).sum().backward()
-    per_row, g, scale = closed_form.divergence_and_grad_(loss, beta, zs.clone(), zt.clone())
+    per_row, g, scale = closed_form.divergence_and_grad_(loss, beta, zs.clone(), zt.clone(), block)
     grad = g * scale * w.unsqueeze(1)  # (n, V): the caller folds weights and the scale in
     assert torch.isfinite(ref).all() and torch.isfinite(ref_zs.grad).all()
     assert torch.isfinite(per_row).all() and torch.isfinite(grad).all()
