@@ -34,7 +34,8 @@ Underflow: where p or q underflows to 0 its log-softmax stays finite, so 0 · (f
 Speed: the rows are taken `block` at a time, every pass of a block before the next. On a CPU a
 block is the rows whose (rows, V) slice fits in CACHE_BYTES (one row at V = 151,936), so after the
 first pass over it the others read a core's L2 cache instead of memory; on a GPU the passes are
-memory-bound anyway and a block is GPU_BLOCK_ROWS rows, so a chunk launches few kernels.
+memory-bound anyway and a block is GPU_BLOCK_ROWS rows (the whole chunk for reverse KL, which
+needs no scratch), so a chunk launches few kernels.
 """
 import math
 
@@ -57,10 +58,10 @@ def check(loss, beta):
         raise ValueError(f"beta must be in [0, 1], got {beta}")
 
 
-def block_rows(z):
+def block_rows(z, scratch_blocks):
     """Rows per block for the (n, V) buffer z (see the module's docstring)."""
-    if z.device.type != "cpu":
-        return GPU_BLOCK_ROWS
+    if z.device.type != "cpu":  # a loss without scratch (reverse KL) takes the chunk at once
+        return GPU_BLOCK_ROWS if scratch_blocks else z.shape[0]
     return max(1, CACHE_BYTES // (z.shape[1] * z.element_size()))
 
 
@@ -116,8 +117,8 @@ def divergence_and_grad_(loss, beta, zs, zt, block=None):
     if loss == "jsd" and beta in (0.0, 1.0):  # the endpoints are the two KLs (tip.generalized_jsd)
         loss = "forward_kl" if beta == 0.0 else "reverse_kl"
     n = zs.shape[0]
-    block = min(n, block or block_rows(zs))
     step, blocks = STEPS[loss]
+    block = min(n, block or block_rows(zs, blocks))
     scratch = zs.new_empty(blocks, block, zs.shape[1])  # (blocks, block, V)
     per_row = zs.new_empty(n)  # (n,)
     for i in range(0, n, block):
