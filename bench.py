@@ -81,7 +81,7 @@ PATHS = ("naive", "gathered", "recompute", "chunked")
 # The loss alone at Qwen3-4B -> Qwen3-0.6B head shapes (their config.json): 512 kept rows, chunks of
 # 256, against the four matrix products any chunked loss must do (the "GEMM floor").
 QWEN3_HEADS = dict(student_hidden=1024, teacher_hidden=2560, vocab=151_936, rows=512, chunk_size=256,
-                   repeats=3)
+                   repeats=5)
 # Length mixes for the padding ratio, (prompts, rollouts per prompt, prompt and response lengths):
 #   math: 8 prompts x 16 rollouts (the paper's step); prompt log-normal, median 150 tokens, sigma
 #     0.5, in [20, 2048]; response log-normal, median 1,200, sigma 1.0, capped at 8,192 (MATH
@@ -307,20 +307,28 @@ def projection_cost(spec):
             "head_copy_bytes": head32.numel() * 4}
 
 
-def loss_cost(spec, loss="reverse_kl"):
-    """tip.chunked_divergence alone at the preset's head shapes (QWEN3_HEADS unless quick): time of
-    forward + backward over the four-GEMM floor, and its working set in fp32 (chunk, V) tensors.
+LOSSES = ("reverse_kl", "forward_kl", "jsd")  # JSD at β = 0.5: every β in (0, 1) runs the same code
+
+
+def loss_cost(spec):
+    """tip.chunked_divergence alone at the preset's head shapes (QWEN3_HEADS unless quick), with
+    importance weights, for each of LOSSES: time of forward + backward over the four-GEMM floor,
+    and its working set in fp32 (chunk, V) tensors.
 
     Floor: per chunk z_S = H_S W_Sᵀ and z_T = H_T W_Tᵀ into preallocated buffers, dH_S = G W_S and
-    dW_S += Gᵀ H_S, timed alone on the same inputs; each the fastest of `repeats` runs after one
-    warm-up, floor and loss interleaved.
+    dW_S += Gᵀ H_S, on the same inputs. Also timed: the same with the two (chunk, V) buffers and the
+    two gradients allocated afresh, as every call of a loss must: their first touch page-faults,
+    and the difference between the two floors is that cost. Time: CPU time (user + system, so page faults count) of one
+    thread, which other processes' turns on a shared CPU do not inflate as they do wall time. After
+    one warm-up of each, `repeats` rounds each time the floor and then every loss; each round gives
+    one ratio per loss (loss / that round's floor), and the figure is the median ratio, with the
+    range over rounds.
     Working set: peak RSS during one forward + backward minus RSS before it (memory.py, Linux),
     less the (V, D_S) head gradient and the (rows, D_S) hidden gradient the call must return,
     over chunk × V × 4 bytes. torch's CPU allocator caches nothing and glibc returns blocks this
     large to the system on free, so RSS follows live tensors; it also counts kernels' own
     temporaries, which a count of tensors at the Python level would miss."""
-    if spec["threads"]:
-        torch.set_num_threads(spec["threads"])
+    torch.set_num_threads(1)
     shape = spec["head"]
     g = torch.Generator().manual_seed(spec["seed"])
     rows, chunk, vocab, ds = shape["rows"], shape["chunk_size"], shape["vocab"], shape["student_hidden"]
@@ -328,37 +336,55 @@ def loss_cost(spec, loss="reverse_kl"):
     ws = torch.randn(vocab, ds, generator=g) / ds ** 0.5  # (V, D_s)
     ht = torch.randn(rows, shape["teacher_hidden"], generator=g)  # (N, D_t)
     wt = torch.randn(vocab, shape["teacher_hidden"], generator=g) / shape["teacher_hidden"] ** 0.5
+    weights = torch.rand(rows, generator=g) + 0.5  # (N,) importance weights
     a, b = torch.empty(chunk, vocab), torch.empty(chunk, vocab)  # (chunk, V) each
     grad_hidden, grad_head = torch.empty(rows, ds), torch.zeros(vocab, ds)
 
-    def floor():
+    def floor(fresh=False):  # fresh: allocate the buffers and gradients, as each call of a loss must
+        x, y = torch.empty(2, chunk, vocab) if fresh else (a, b)
+        gh, gw = (torch.empty(rows, ds), torch.empty(vocab, ds)) if fresh else (grad_hidden, grad_head)
         for i in range(0, rows, chunk):
             n = hs[i:i + chunk].shape[0]
-            torch.mm(hs[i:i + chunk], ws.T, out=a[:n])
-            torch.mm(ht[i:i + chunk], wt.T, out=b[:n])
-            torch.mm(a[:n], ws, out=grad_hidden[i:i + n])
-            grad_head.addmm_(a[:n].T, hs[i:i + chunk])
+            torch.mm(hs[i:i + chunk], ws.T, out=x[:n])
+            torch.mm(ht[i:i + chunk], wt.T, out=y[:n])
+            torch.mm(x[:n], ws, out=gh[i:i + n])
+            gw.addmm_(x[:n].T, hs[i:i + chunk], beta=1 if i else 0)
 
     hs_, ws_ = hs.clone().requires_grad_(), ws.clone().requires_grad_()
 
-    def forward_backward():
+    def forward_backward(loss):
         hs_.grad = ws_.grad = None
-        tip.chunked_divergence(hs_, ws_, ht, wt, loss, 0.5, chunk).backward()
+        tip.chunked_divergence(hs_, ws_, ht, wt, loss, 0.5, chunk, weights).backward()
+        hs_.grad = ws_.grad = None
 
-    forward_backward()
-    hs_.grad = ws_.grad = None
-    baseline = start_memory_window(torch.device("cpu"))
-    forward_backward()
-    extra = peak_memory(torch.device("cpu")) - baseline - (vocab + rows) * ds * 4
-    times = {floor: [], forward_backward: []}  # interleaved, and the fastest of each: on a shared
-    for _ in range(1 + shape["repeats"]):  # machine the minimum is the run least disturbed
-        for fn in times:
-            t0 = time.perf_counter()
-            fn()
-            times[fn].append(time.perf_counter() - t0)
-    floor_s, loss_s = min(times[floor][1:]), min(times[forward_backward][1:])
-    return {"loss": loss, "floor_seconds": floor_s, "loss_seconds": loss_s,
-            "time_ratio": loss_s / floor_s, "working_set": extra / (chunk * vocab * 4), **shape}
+    def cpu_seconds(fn, *args):
+        t0 = time.process_time()
+        fn(*args)
+        return time.process_time() - t0
+
+    working_set = {}
+    for loss in LOSSES:
+        forward_backward(loss)  # warm-up
+        baseline = start_memory_window(torch.device("cpu"))
+        forward_backward(loss)
+        extra = peak_memory(torch.device("cpu")) - baseline - (vocab + rows) * ds * 4
+        working_set[loss] = extra / (chunk * vocab * 4)
+    floor()  # warm-up
+    floors, fresh_floors, seconds = [], [], {loss: [] for loss in LOSSES}
+    for _ in range(shape["repeats"]):
+        floors.append(cpu_seconds(floor))
+        fresh_floors.append(cpu_seconds(floor, True))
+        for loss in LOSSES:
+            seconds[loss].append(cpu_seconds(forward_backward, loss))
+    out = []
+    for loss in LOSSES:
+        ratios = [t / f for t, f in zip(seconds[loss], floors)]
+        fresh = [t / f for t, f in zip(seconds[loss], fresh_floors)]
+        out.append({"loss": loss, "floor_seconds": statistics.median(floors),
+                    "loss_seconds": statistics.median(seconds[loss]),
+                    "time_ratio": statistics.median(ratios), "time_ratio_range": (min(ratios), max(ratios)),
+                    "fresh_floor_ratio": statistics.median(fresh), "working_set": working_set[loss], **shape})
+    return out
 
 
 def length_mix(name, seed):
@@ -431,12 +457,16 @@ def standing_table(rows, losses, padding):
              f"{shape['rows']} rows in chunks of {shape['chunk_size']}")
     lines = ["| figure | value | target |", "|---|---|---|"]
     for r in losses:
-        lines.append(f"| loss {r['loss']} forward + backward / four-GEMM floor ({where}; "
-                     f"{r['loss_seconds']:.3g} s / {r['floor_seconds']:.3g} s) | {r['time_ratio']:.2f} | ≤ 1.10 |")
+        lo, hi = r["time_ratio_range"]
+        lines.append(f"| loss {r['loss']} forward + backward / four-GEMM floor, with weights "
+                     f"({where}; one thread, CPU time, median of {r['repeats']} interleaved rounds, "
+                     f"range {lo:.2f}–{hi:.2f}; {r['loss_seconds']:.3g} s / {r['floor_seconds']:.3g} s; "
+                     f"over a floor that also allocates the buffers and gradients, as each call "
+                     f"must: {r['fresh_floor_ratio']:.2f}) | {r['time_ratio']:.2f} | ≤ 1.10 |")
     for r in losses:  # below ~16 MiB a (chunk, V) tensor is lost in the noise of the process's RSS
         seen = r["chunk_size"] * r["vocab"] * 4 >= 2 ** 24
         lines.append(f"| loss {r['loss']} working set beyond the gradients, fp32 (chunk, V) tensors "
-                     f"(peak RSS) | {r['working_set']:.2f} | ≤ 2 |" if seen else "| loss "
+                     f"(peak RSS) | {r['working_set']:.3f} | ≤ 2 |" if seen else "| loss "
                      f"{r['loss']} working set: (chunk, V) too small to measure in RSS | n/a | ≤ 2 |")
     for name, p in padding.items():
         lines.append(f"| padding: computed / real tokens, {name} mix ({p['rollouts']} rollouts, "
@@ -557,7 +587,7 @@ def main(argv=None):
         print(f"  {r['path']:9s} keep {r['keep']:<4g} ckpt {ckpt} | peak {r['peak_memory_bytes'] / 2**20:6.0f} MiB | step peak "
               f"{r['step_peak_bytes'] / 2**20:6.0f} MiB | {r['step_seconds']:.3g} s", flush=True)
     cost = pool.submit(projection_cost, specs[0]).result()
-    losses = [pool.submit(loss_cost, specs[0], name).result() for name in ("reverse_kl", "forward_kl", "jsd")]
+    losses = pool.submit(loss_cost, specs[0]).result()
     pool.shutdown()
     add_ratios(rows)
     print(f"\n{markdown_table(rows)}\n")

@@ -155,10 +155,9 @@ class _ChunkedDivergence(torch.autograd.Function):
     closed_form.divergence_and_grad_ turns in place into the per-row loss and G = dD/dz_S (no
     autograd graph, no third (n, V) tensor); G goes straight into the gradients of the hidden
     states, G @ W_S, and of lm_head, Gᵀ @ H_S (weights scale the (n, D) side, not G): four matrix
-    products per chunk, the floor of any chunked loss, and a few elementwise passes. Backward only
+    products per chunk, the floor of any chunked loss, and a few elementwise passes. Backward at most
     scales them. Versus recomputing each chunk in backward this skips a second pair of projections,
-    for the lm_head's (V, D_S) gradient held from forward to backward. fp32 (float64 if given).
-    """
+    for the lm_head's (V, D_S) gradient held from forward to backward. fp32 (float64 if given)."""
 
     @staticmethod
     def forward(ctx, student_hidden, student_head, teacher_hidden, teacher_head, weights, loss,
@@ -189,10 +188,10 @@ class _ChunkedDivergence(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_total):  # in place and released: a second (V, D_S) tensor (a copy, or
-        grad_hidden, grad_head = ctx.grads  # autograd's clone of a tensor still referenced) would
-        del ctx.grads  # double the head's share of the peak; so one backward per graph
-        grad_head = grad_head.mul_(grad_total) if grad_head is not None else None
-        return grad_hidden.mul_(grad_total), grad_head, None, None, None, None, None, None
+        grads, ctx.grads = ctx.grads, None  # autograd's clone of one still referenced) would double
+        if grad_total.item() != 1.0:  # the head's share of the peak; so one backward per graph
+            grads = [g.mul_(grad_total) if g is not None else None for g in grads]  # 1: no pass
+        return (*grads, None, None, None, None, None, None)  # (1 is distill's, on one rank)
 
 
 def chunked_divergence(student_hidden, student_head, teacher_hidden, teacher_head,

@@ -69,7 +69,8 @@ def test_quick_run_prints_the_table_with_ratios(tmp_path, capsys):
     summary = [line.split(" | ") for line in standing.splitlines() if line.startswith("| ")]
     figures = {row[0][2:]: row[1] for row in summary[1:]}  # name -> value as printed
     for loss in ("reverse_kl", "forward_kl", "jsd"):
-        assert sum(name.startswith(f"loss {loss} forward + backward") for name in figures) == 1
+        timed = [name for name in figures if name.startswith(f"loss {loss} forward + backward")]
+        assert len(timed) == 1 and "CPU time, median of 1 interleaved rounds, range" in timed[0]
         assert sum(name.startswith(f"loss {loss} working set") for name in figures) == 1
     padding = {name: float(v) for name, v in figures.items() if name.startswith("padding")}
     assert len(padding) == 2 and all(1.0 <= v <= 1.1 for v in padding.values())  # seeded mixes

@@ -138,7 +138,11 @@ def test_chunked_divergence_value_and_gradients_match_float64_autograd(loss, bet
     hs.requires_grad_(), ws.requires_grad_()
     got = tip.chunked_divergence(hs, ws, ht, wt, loss, beta, chunk_size, weights)
     (3.0 * got).backward()  # the incoming gradient scales the one formed in the forward
-    assert got.item() == pytest.approx(ref.item(), rel=1e-5)
+    # fp32's error for a sum of per-token divergences: about eps·log V per log-softmax, four per
+    # token (both models, the difference, the sum), times the largest weight
+    eps = torch.finfo(torch.float32).eps
+    tolerance = 4 * hs.shape[0] * eps * math.log(37) * weights.max().item()
+    assert got.item() == pytest.approx(ref.item(), rel=0, abs=tolerance)
     assert hs.grad.double().allclose(3.0 * hs64.grad, rtol=1e-4, atol=1e-6)
     assert ws.grad.double().allclose(3.0 * ws64.grad, rtol=1e-4, atol=1e-6)
 
@@ -249,13 +253,15 @@ LOSSES = [("reverse_kl", 0.5), ("forward_kl", 0.5), ("jsd", 0.5), ("jsd", 0.1), 
 
 
 @pytest.mark.parametrize("loss,beta", LOSSES)
-def test_closed_form_value_and_gradient_equal_autograd_in_float64(loss, beta):
+@pytest.mark.parametrize("block", [None, 1, 7])  # None: the device's (here all 40 rows at once)
+def test_closed_form_value_and_gradient_equal_autograd_in_float64(loss, beta, block):
     zs, zt = _extreme_logits()
     w = torch.rand(zs.shape[0], generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     ref_zs = zs.clone().requires_grad_()
     ref = _plain(loss, beta, ref_zs, zt)  # (n,)
     (ref * w).sum().backward()
-    per_row, g, scale = closed_form.divergence_and_grad_(loss, beta, zs.clone(), zt.clone())
+    per_row, g, scale = closed_form.divergence_and_grad_(loss, beta, zs.clone(), zt.clone(),
+                                                         block)
     grad = g * scale * w.unsqueeze(1)  # (n, V): the caller folds weights and the scale in
     assert torch.isfinite(ref).all() and torch.isfinite(ref_zs.grad).all()
     assert torch.isfinite(per_row).all() and torch.isfinite(grad).all()
