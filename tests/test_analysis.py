@@ -1,4 +1,5 @@
 """The quadrant analysis (`python analysis.py`): tables against direct computation, and its files."""
+import json
 import os
 import re
 import subprocess
@@ -12,7 +13,9 @@ import loading
 import math_task
 import quadrant_inputs
 import tip
+import toy
 from helpers import make_tiny_pair, write_jsonl
+from rollouts import Rollouts, collate, pad_id
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -191,3 +194,21 @@ def test_first_wrong_quadrants_grades_with_math_verify(tmp_path):
     counts = math_task.first_wrong_quadrants(Rollouts(prompts, responses), {"quadrant": quadrant},
                                             mask, tok, [record], 4)
     assert counts == {"all": [0, 0, 1, 0]}
+
+
+def test_the_shipped_pair_puts_the_misconception_in_q3():
+    """The README's claim, pinned on data/toy_pair/sample.json (256 rollouts the shipped student
+    sampled when it was shipped): Q3 holds 66.6% of their reverse-KL mass (>= 25%, the toy's
+    point), and the planted carry token sits in Q3, its median ĥ far below the threshold."""
+    sample = json.load(open(os.path.join(toy.SHIPPED, "sample.json")))
+    rollouts = Rollouts(sample["prompts"], sample["responses"])
+    tok = toy.make_tokenizer()
+    teacher, student = (loading.load_model(os.path.join(toy.SHIPPED, who), torch.device("cpu"),
+                                           torch.float32).eval() for who in ("teacher", "student"))
+    stats, mask, thresholds = analysis.statistics(teacher, student, rollouts, tok)
+    q3 = analysis.quadrant_table(stats, mask)[2]
+    assert q3["kl_share"] == pytest.approx(0.666, abs=0.01) and q3["kl_share"] >= 0.25
+    marked = collate(rollouts.prompts, rollouts.responses, pad_id(tok),
+                     toy.carry_flags(tok, rollouts))[2] & mask
+    carry = analysis.followed_row("toy/carry", stats, mask, marked, thresholds)
+    assert carry["n"] > 100 and carry["q3"] > 0.9 and carry["h_ratio"] <= 0.5
