@@ -347,16 +347,16 @@ def test_cache_dir_follows_the_environment(monkeypatch, tmp_path):
     assert toy.split_path("train") == os.path.join(here, ".cache", "toy", "train.jsonl")
 
 
-def test_built_pair_is_a_strong_teacher_and_a_weaker_student():
-    """The real pair, when `python toy.py` has built it (skipped otherwise: it takes minutes)."""
-    cache = toy.default_cache_dir()
-    stamp = toy.read_stamp(cache)
-    if stamp is None or stamp["settings"]["n_heldout"] != toy.SETTINGS["n_heldout"]:
-        pytest.skip("the toy pair is not built (run `python toy.py`)")
+def test_the_shipped_pair_is_a_strong_teacher_and_a_misconceived_student(tmp_path):
+    """The shipped pair, installed as a user gets it: the teacher right on both parts, the student
+    wrong on the misconception part and mostly right elsewhere (its slips show when it samples at
+    T = 1: test_analysis pins where their KL mass sits)."""
+    cache = str(tmp_path / "cache")
+    toy.build(cache)
     heldout = toy.load_split("heldout", cache)[:100]
     tok = AutoTokenizer.from_pretrained(os.path.join(cache, "teacher"))
     acc = {who: toy.part_accuracy(AutoModelForCausalLM.from_pretrained(os.path.join(cache, who)),
                                   tok, heldout) for who in ("teacher", "student")}
     assert acc["teacher"]["misconception"] >= 0.9 and acc["teacher"]["other"] >= 0.9
-    assert acc["student"]["misconception"] <= 0.2  # it drops the carry
-    assert 0.2 <= acc["student"]["other"] <= 0.9  # and slips elsewhere
+    assert acc["student"]["misconception"] <= 0.1  # it drops the carry
+    assert acc["student"]["other"] >= 0.5  # and has the rest of the procedure
