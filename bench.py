@@ -15,7 +15,7 @@ get the loss, each at keep 1.0 (rule `all`) and 0.5 / 0.2 / 0.1 (rule `--rule`):
               N kept positions, but in one chunk whose (N, V) logits stay alive until backward.
     recompute `--chunk-size` kept rows at a time, each chunk under activation checkpointing: its
               logits are rebuilt in backward (both models' projections run twice).
-    chunked   distill.py's real path, `distill.opd_step`: `--chunk-size` kept rows at a time, each
+    chunked   the real path, `opd_step.opd_step`: `--chunk-size` kept rows at a time, each
               chunk's logits built once and turned into the gradient in the forward
               (tip.chunked_divergence). Also run with activation checkpointing of the student.
 
@@ -52,7 +52,7 @@ from contextlib import nullcontext
 
 import torch
 
-import distill
+import opd_step
 import loading
 import selection
 import tip
@@ -128,7 +128,7 @@ def make_rollouts(batch, prompt_length, response_length, vocab, seed):
 def _batch(student, rollouts, cfg):
     device = next(student.parameters()).device
     autocast = (torch.autocast("cuda", dtype=cfg.dtype) if device.type == "cuda"
-                and cfg.dtype != torch.float32 else nullcontext())  # as in distill.opd_step
+                and cfg.dtype != torch.float32 else nullcontext())  # as in opd_step.opd_step
     return autocast, [t.to(device) for t in collate(rollouts.prompts, rollouts.responses,
                                                              cfg.pad_id)]
 
@@ -158,7 +158,7 @@ def naive_forward_backward(student, teacher, rollouts, cfg, generator):
 
 
 def _kept_rows_forward_backward(student, teacher, rollouts, cfg, generator, loss_of_kept_rows):
-    """distill.opd_step for one micro-batch, with the loss on the kept rows taken by the given
+    """opd_step.opd_step for one micro-batch, with the loss on the kept rows taken by the given
     function (hidden states, heads) -> summed loss."""
     autocast, (ids, attn, mask) = _batch(student, rollouts, cfg)
     ws, wt = lm_head(student), lm_head(teacher)  # (V, D_s), (V, D_t)
@@ -212,8 +212,8 @@ def recompute_forward_backward(student, teacher, rollouts, cfg, generator):
 
 
 def chunked_forward_backward(student, teacher, rollouts, cfg, generator):
-    """distill.py's real path, unchanged."""
-    metrics = distill.opd_step(student, teacher, rollouts, cfg, generator, {})  # {}: phase times
+    """The real step (opd_step.py, as distill.py calls it), unchanged."""
+    metrics = opd_step.opd_step(student, teacher, rollouts, cfg, generator, {})  # {}: phase times
     return metrics["loss"], metrics["kept_tokens"]
 
 
@@ -577,7 +577,7 @@ def main(argv=None):
     # imported torch once and never ran a torch op, so no CUDA or thread-pool state is inherited.
     # A worker killed for memory raises BrokenProcessPool here.
     context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(["torch", "transformers.models.qwen3.modeling_qwen3", "distill"])
+    context.set_forkserver_preload(["torch", "transformers.models.qwen3.modeling_qwen3", "opd_step"])
     t0, rows = time.perf_counter(), []
     pool = ProcessPoolExecutor(max_workers=1, mp_context=context, max_tasks_per_child=1)
     for spec in specs:

@@ -1,11 +1,12 @@
-"""On-policy distillation (OPD) with TIP token selection: the whole algorithm, top to bottom.
+"""On-policy distillation (OPD) with TIP token selection: the run, top to bottom.
 
     python distill.py                                   # the laptop pair, CPU, no download
     python distill.py --teacher Qwen/Qwen3-4B --student Qwen/Qwen3-0.6B --rule entropy --keep 0.5
 
 The method, the eight steps of one optimizer step and every departure from the paper are written
-down once, in docs/method.md; this file follows that list section by section: 1 sample, 2 teacher,
-3 student, 4 statistics, 5 select, 6 loss, 7 step, 8 log, then the run and its CLI.
+down once, in docs/method.md; this file follows that list section by section: 1 sample, 2-6
+(teacher, student, statistics, select, loss: opd_step.py, one function that bench.py measures as
+it is), 7 step, 8 log, then the run and its CLI.
 
 Notation: B rollouts, T padded sequence positions (prompt + response), V vocabulary, D hidden
 size; N the positions that are trained on (response tokens the student generated), n the kept
@@ -19,30 +20,27 @@ Elsewhere: sampling (rollouts.py), models, tokenizers and one-line errors (loadi
 (checkpoint.py), torchrun (parallel.py), peak memory (memory.py).
 """
 import argparse
-import contextlib
 import json
 import math
 import os
 import sys
 import time
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 import torch
 
 import evaluate
 import selection
 import tasks
-import tip
 import tracking
 from checkpoint import latest_checkpoint, resume, save_checkpoint
 from loading import (ArgumentParser, UsageError, add_model_flags, check_context, check_output_head,
-                     check_pair, check_same_tokenizer, check_writable, hidden_states, lm_head,
+                     check_pair, check_same_tokenizer, check_writable, lm_head,
                      load_model, load_tokenizer, prompt_order, resolve_device, resolve_dtype)
 from memory import peak_memory, phase, start_memory_window
-from parallel import (all_reduce_sum, clip_grad_norm, gather, setup_distributed, shard, teardown,
-                      world_size)
-from quadrant_inputs import FOLLOWED, batch_statistics, followed_sums
-from rollouts import collate, micro_batches, pad_id
+from opd_step import StepSettings, opd_step
+from parallel import all_reduce_sum, clip_grad_norm, setup_distributed, shard, teardown
+from rollouts import pad_id
 
 # Real models: the paper's settings (Table 9; it gives no warm-up, the authors' launcher uses 0)
 # where it has one, else ours; a task may change some (tasks.py: its `defaults`).
@@ -50,21 +48,6 @@ PAPER_DEFAULTS = dict(lr=1e-6, prompts_per_step=8, samples_per_prompt=16, max_ne
                       max_prompt_length=2048, warmup_steps=0)
 OUR_DEFAULTS = dict(steps=200, micro_batch_size=64, micro_batch_tokens=16384, generation_batch_size=32)
 REAL_DEFAULTS = {**PAPER_DEFAULTS, **OUR_DEFAULTS}
-
-
-@dataclass
-class StepSettings:
-    """What one optimizer step (opd_step, steps 2-6) reads, and nothing else."""
-    rule: str  # selection.RULES
-    keep: float  # keep ratio per rollout
-    loss: str  # reverse_kl | forward_kl | jsd
-    beta: float  # the JSD's mixture weight
-    importance_weights: bool  # weight sampled tokens by 1/p
-    chunk_size: int  # rows per lm_head projection
-    micro_batch_size: int  # rollouts per forward/backward, at most
-    micro_batch_tokens: int  # padded positions per forward/backward, at most
-    dtype: torch.dtype  # the teacher's dtype and the student's autocast
-    pad_id: int
 
 
 # ---------------------------------------------------------------------------------------------
@@ -80,83 +63,8 @@ def rollouts_of_step(task, student, tokenizer, batch, sampling):
 
 
 # ---------------------------------------------------------------------------------------------
-# 2-6. Teacher pass, student pass, statistics, selection and loss, over micro-batches
+# 2-6. Teacher pass, student pass, statistics, selection and loss: opd_step.py's `opd_step`
 # ---------------------------------------------------------------------------------------------
-
-def opd_step(student, teacher, rollouts, cfg, generator, times, tokens=None):
-    """Teacher pass, student pass, statistics, selection and loss per micro-batch; leaves the
-    gradient of (Σ loss over the step's kept tokens) / (their number) in the student. `cfg`: a
-    StepSettings. Returns the step's token metrics (summed over ranks); fills `tokens` for the
-    trackers. Token groups a task follows (rollouts.followed) get their own metrics."""
-    device = next(student.parameters()).device
-    autocast = (torch.autocast("cuda", dtype=cfg.dtype) if device.type == "cuda"
-                and cfg.dtype != torch.float32 else contextlib.nullcontext())
-    sums = dict.fromkeys(("loss", "entropy", "reverse_kl", "n", "kept", "padded", "real",
-                          "h_threshold", "d_threshold"), 0.0)
-    followed = {}  # group name -> followed_sums, summed over micro-batches
-    quads = torch.zeros(2, 5)  # (2, 5) token counts per quadrant (0: not trained on): all, kept
-    ws, wt = lm_head(student), lm_head(teacher)  # (V, D_s), (V, D_t)
-    for part in micro_batches(rollouts, cfg.micro_batch_size, cfg.micro_batch_tokens):  # by length
-        ids, attn, mask = (t.to(device) for t in collate(part.prompts, part.responses, cfg.pad_id,
-                                                         part.masks, align=False))  # (b, T) each
-        with phase(times, "teacher", device), torch.no_grad(), autocast:  # 2. frozen teacher
-            h_t = hidden_states(teacher, ids, attn)  # (b, T, D_t)
-        with phase(times, "student", device), autocast:  # 3. one forward, with gradients
-            h_s = hidden_states(student, ids, attn)  # (b, T, D_s)
-        with phase(times, "stats", device):  # 4. from the detached hidden states, fp32 logits
-            stats, thresholds = batch_statistics(h_s.detach(), ws, h_t, wt, mask, cfg.chunk_size,
-                                                 gather=gather, return_thresholds=True)  # (b, T) each
-        with phase(times, "select", device):  # 5. positions to train on, per rollout
-            kept, weights = selection.select(cfg.rule, stats, mask, cfg.keep, generator)  # (b, T)
-        with phase(times, "loss", device):  # 6. lm_heads on kept positions only, chunked
-            w = weights[kept] if (cfg.importance_weights and weights is not None) else None  # (n,)
-            loss_sum = tip.chunked_divergence(h_s[kept], ws, h_t[kept], wt, cfg.loss, cfg.beta,
-                                              cfg.chunk_size, w)  # () a sum over the n kept tokens
-        with phase(times, "backward", device):
-            # FSDP averages gradients over ranks, but each rank holds only a part of the step's
-            # sum: scaling by the world size turns that average back into the sum.
-            (loss_sum * world_size()).backward()
-        for name, flags in (part.followed or {}).items():  # token groups a task follows
-            marked = collate(part.prompts, part.responses, cfg.pad_id, flags, align=False)[2]  # (b, T)
-            followed[name] = followed.get(name, 0) + followed_sums(stats, kept, mask & marked.to(device))
-        sums["loss"] += loss_sum.item()
-        sums["h_threshold"] += thresholds[0] * mask.sum().item()  # token-weighted over micro-batches
-        sums["d_threshold"] += thresholds[1] * mask.sum().item()
-        sums["entropy"] += stats["entropy"][mask].sum().item()
-        sums["reverse_kl"] += stats["reverse_kl"][mask].sum().item()
-        for key, count in (("n", mask.sum()), ("kept", kept.sum()), ("padded", attn.numel()),
-                           ("real", attn.sum())):  # padded / real: the step's padding_ratio
-            sums[key] += int(count)
-        if tokens is not None:
-            tokens.append(tracking.picture_tokens(stats, kept, mask))
-        quads += torch.stack([torch.bincount(stats["quadrant"][m].cpu(), minlength=5)[:5]
-                              for m in (mask, kept)])  # (2, 5)
-    sums = {k: all_reduce_sum(v) for k, v in sums.items()}
-    # The mean over the step's kept tokens, whatever number the rule kept: gradients are linear,
-    # so dividing the accumulated sum once is exact and costs one pass over the gradients.
-    n_kept = max(sums["kept"], 1)
-    for p in student.parameters():
-        if p.grad is not None:
-            p.grad.div_(n_kept)
-    quads = torch.tensor([[all_reduce_sum(q) for q in row] for row in quads.tolist()])  # (2, 5)
-    n, lengths = max(sums["n"], 1), [len(r) for r in rollouts.responses]
-    n_rollouts = max(all_reduce_sum(len(lengths)), 1)
-    metrics = {"loss": sums["loss"] / n_kept, "entropy": sums["entropy"] / n,
-               "reverse_kl": sums["reverse_kl"] / n, "kept_fraction": sums["kept"] / n,
-               "response_tokens": int(sums["n"]), "kept_tokens": int(sums["kept"]),
-               "padding_ratio": sums["padded"] / max(sums["real"], 1),
-               "response_length": all_reduce_sum(sum(lengths)) / n_rollouts,
-               "truncated_share": all_reduce_sum(sum(rollouts.truncated or [])) / n_rollouts}
-    for q in range(1, 5):
-        metrics[f"q{q}_share"] = (quads[0, q] / quads[0].sum().clamp_min(1)).item()
-        metrics[f"q{q}_kept_share"] = (quads[1, q] / quads[1].sum().clamp_min(1)).item()
-    metrics.update(h_threshold=sums["h_threshold"] / n, d_threshold=sums["d_threshold"] / n)
-    for name, f in followed.items():  # each group's counts as shares, its sums as means
-        f = dict(zip(FOLLOWED, (all_reduce_sum(v) for v in f.tolist())))
-        m = max(f["n"], 1)
-        metrics.update({f"{name}/n": int(f["n"]), **{f"{name}/{k}_share": f[k] / m for k in FOLLOWED[1:6]},
-                        **{f"{name}/{k}": f[k] / m for k in FOLLOWED[6:]}})
-    return metrics
 
 
 # ---------------------------------------------------------------------------------------------

@@ -60,7 +60,7 @@ def pad_id(tokenizer):
 def collate(prompts, responses, pad, masks=None, align=True):
     """Pad B rollouts into one batch. align=True: left-pad prompts so every response starts at the
     same column P, right-pad responses (what analysis.py reads). align=False: left-pad each whole
-    sequence, the least padding (training: distill.opd_step).
+    sequence, the least padding (training: opd_step.opd_step).
 
     Returns input_ids (B, L), attention_mask (B, L) and loss_mask (B, L): True at the positions
     whose hidden state predicts a trained response token (index i-1 for the token at index i).
@@ -97,7 +97,7 @@ def micro_batches(rollouts, max_rollouts, max_tokens, max_padding=1.1):
     cut greedily where the next one would break a limit, so each micro-batch holds rollouts of
     similar length; a rollout longer than `max_tokens` is a micro-batch of its own. Inside a
     micro-batch they keep their order in the step. The step's gradient does not depend on the cut
-    (distill.opd_step divides the summed loss once); only the per-micro-batch normalisation of ĥ,
+    (opd_step.opd_step divides the summed loss once); only the per-micro-batch normalisation of ĥ,
     δ̂ does (docs/method.md).
     """
     length = [len(p) + len(r) for p, r in zip(rollouts.prompts, rollouts.responses)]

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import distill
+import opd_step
 import quadrant_inputs
 import loading
 import memory
@@ -85,7 +86,7 @@ def test_a_threshold_rule_trains_on_the_mean_of_what_it_keeps(pair):
     tok, teacher, student = load_pair(pair)
     rollouts = rollouts_for(tok, student, n_prompts=3, samples=2)
     cfg = _cfg(tok, rule="d-hat-above-0.7", keep=0.5, micro_batch_size=6)
-    metrics = distill.opd_step(student, teacher, rollouts, cfg, torch.Generator().manual_seed(0), {})
+    metrics = opd_step.opd_step(student, teacher, rollouts, cfg, torch.Generator().manual_seed(0), {})
     grads = [p.grad.clone() for p in student.parameters()]
     ids, attn, mask = collate(rollouts.prompts, rollouts.responses, pad_id(tok))
     with torch.no_grad():

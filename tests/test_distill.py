@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-import distill
+import opd_step
 import quadrant_inputs
 import loading
 import selection
@@ -95,7 +95,7 @@ def test_step_loss_on_selected_positions_equals_naive(pair, rule, keep):
     rollouts = rollouts_for(tok, student)
     cfg = _cfg(tok, rule=rule, keep=keep, micro_batch_size=100, chunk_size=3)
     gen = torch.Generator().manual_seed(5)
-    metrics = distill.opd_step(student, teacher, rollouts, cfg, gen, {})
+    metrics = opd_step.opd_step(student, teacher, rollouts, cfg, gen, {})
     grads = [p.grad.clone() for p in student.parameters()]
     # reproduce the same selection by hand (one micro-batch, opd_step's layout), then the naive loss
     ids, attn, mask = collate(rollouts.prompts, rollouts.responses, cfg.pad_id, align=False)
@@ -118,7 +118,7 @@ def _cfg(tok, **kw):
                 micro_batch_size=100, micro_batch_tokens=10**6, chunk_size=512, dtype=torch.float32,
                 pad_id=pad_id(tok))
     base.update(kw)
-    return distill.argparse.Namespace(**base)
+    return opd_step.StepSettings(**base)
 
 
 def test_followed_token_groups_are_logged_where_they_sit(pair):
@@ -128,7 +128,7 @@ def test_followed_token_groups_are_logged_where_they_sit(pair):
     rollouts = rollouts_for(tok, student)
     rollouts.followed = {"g": [[int(i % 3 == 1) for i in range(len(r))] for r in rollouts.responses]}
     cfg = _cfg(tok, rule="entropy", keep=0.5)
-    m = distill.opd_step(student, teacher, rollouts, cfg, torch.Generator().manual_seed(5), {})
+    m = opd_step.opd_step(student, teacher, rollouts, cfg, torch.Generator().manual_seed(5), {})
     ids, attn, mask = collate(rollouts.prompts, rollouts.responses, cfg.pad_id, align=False)
     marked = collate(rollouts.prompts, rollouts.responses, cfg.pad_id, rollouts.followed["g"],
                      align=False)[2]
@@ -145,7 +145,7 @@ def test_followed_token_groups_are_logged_where_they_sit(pair):
     for key in ("h_hat", "d_hat", "reverse_kl"):
         assert m[f"g/{key}"] == pytest.approx(stats[key][marked].mean().item(), rel=1e-4)
     assert (m["h_threshold"], m["d_threshold"]) == pytest.approx(thresholds, rel=1e-4)
-    one_each = distill.opd_step(student, teacher, rollouts, _cfg(tok, micro_batch_size=1),
+    one_each = opd_step.opd_step(student, teacher, rollouts, _cfg(tok, micro_batch_size=1),
                                 torch.Generator().manual_seed(5), {})
     assert one_each["g/n"] == n and one_each["g/kept_share"] == 1.0  # rule "all" keeps every one
 
@@ -159,7 +159,7 @@ def test_micro_batching_does_not_change_the_gradient(pair):
     grads, ratios = [], []
     for mbs, tokens in ((1, 10**6), (2, 10**6), (6, 10**6), (6, 2 * lengths[-1]), (6, 1)):
         student.zero_grad()
-        metrics = distill.opd_step(student, teacher, rollouts, _cfg(tok, micro_batch_size=mbs,
+        metrics = opd_step.opd_step(student, teacher, rollouts, _cfg(tok, micro_batch_size=mbs,
                                    micro_batch_tokens=tokens), torch.Generator().manual_seed(0), {})
         grads.append(torch.cat([p.grad.flatten() for p in student.parameters()]))
         ratios.append(metrics["padding_ratio"])
@@ -214,7 +214,7 @@ def test_gradients_reach_the_student_only(pair):
     tok, teacher, student = load_pair(pair)
     before = {k: v.clone() for k, v in teacher.state_dict().items()}
     rollouts = rollouts_for(tok, student)
-    distill.opd_step(student, teacher, rollouts, _cfg(tok), torch.Generator().manual_seed(0),
+    opd_step.opd_step(student, teacher, rollouts, _cfg(tok), torch.Generator().manual_seed(0),
                      {})
     assert all(p.grad is None for p in teacher.parameters())
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in student.parameters())
@@ -231,7 +231,7 @@ def test_student_equal_to_teacher_gives_zero_loss(pair):
         stats = quadrant_inputs.batch_statistics(h, lm_head(student), hidden_states(twin, ids, attn),
                                                  lm_head(twin), mask, 4)
     assert stats["reverse_kl"][mask].abs().max() < 1e-5
-    metrics = distill.opd_step(student, twin, rollouts, _cfg(tok), torch.Generator().manual_seed(0),
+    metrics = opd_step.opd_step(student, twin, rollouts, _cfg(tok), torch.Generator().manual_seed(0),
                                {})
     assert abs(metrics["loss"]) < 1e-5 and abs(metrics["reverse_kl"]) < 1e-5
 
@@ -317,7 +317,7 @@ def test_post_eos_and_padding_never_change_the_loss(pair, monkeypatch):
             assert rollouts.responses == cut  # nothing after the first EOS reaches collate
         student.zero_grad()
         cfg.pad_id = pad  # a different pad token: padding must be invisible
-        metrics = distill.opd_step(student, teacher, rollouts, cfg, torch.Generator().manual_seed(0), {})
+        metrics = opd_step.opd_step(student, teacher, rollouts, cfg, torch.Generator().manual_seed(0), {})
         assert metrics["loss"] == pytest.approx(ref.item(), rel=1e-5)
         assert metrics["response_tokens"] == metrics["kept_tokens"] == n
         for p, g in zip(student.parameters(), ref_grads):
@@ -373,7 +373,7 @@ def test_twenty_steps_lower_the_reverse_kl_on_fresh_rollouts(pair):
     for step in range(20):
         torch.manual_seed(step)
         r = sample(student, tok, held_in, 2, 10)
-        distill.opd_step(student, teacher, r, _cfg(tok), torch.Generator().manual_seed(step),
+        opd_step.opd_step(student, teacher, r, _cfg(tok), torch.Generator().manual_seed(step),
                          {})
         opt.step()
         opt.zero_grad()

@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-import distill
+import opd_step
 import quadrant_inputs
 import evaluate
 import loading
@@ -40,9 +40,9 @@ def worker(rank, world, port, pair, out):
         parallel.shard(teacher), parallel.shard(student)
     share = slice(rank * 4 // world, (rank + 1) * 4 // world)  # contiguous: rank 0 first
     rollouts = Rollouts(PROMPTS[share], RESPONSES[share])
-    cfg = distill.argparse.Namespace(rule="soft-or", keep=0.5, loss="reverse_kl", beta=0.5,
-                                     importance_weights=False, micro_batch_size=4, micro_batch_tokens=10**6, chunk_size=3,
-                                     dtype=torch.float32, pad_id=0)
+    cfg = opd_step.StepSettings(rule="soft-or", keep=0.5, loss="reverse_kl", beta=0.5,
+                                importance_weights=False, micro_batch_size=4, micro_batch_tokens=10**6, chunk_size=3,
+                                dtype=torch.float32, pad_id=0)
     # the selection, by the same functions opd_step uses, as kept response-token indices
     ids, attn, mask = collate(rollouts.prompts, rollouts.responses, 0)
     with torch.no_grad():
@@ -54,7 +54,7 @@ def worker(rank, world, port, pair, out):
     # SGD, so that weight differences are gradient differences (Adam's first step divides by |g|
     # and would magnify float noise in near-zero gradient entries)
     optimizer = torch.optim.SGD(student.parameters(), lr=0.5)
-    metrics = distill.opd_step(student, teacher, rollouts, cfg, torch.Generator(), {})
+    metrics = opd_step.opd_step(student, teacher, rollouts, cfg, torch.Generator(), {})
     norm = parallel.clip_grad_norm(student, 1.0)
     optimizer.step()
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict

@@ -6,7 +6,7 @@ import os
 import pytest
 import torch
 
-import distill
+import opd_step
 import rollouts
 from helpers import make_model, make_tokenizer
 from rollouts import as_rollouts, collate, pad_id, parse_tool_calls, run_episodes
@@ -103,18 +103,18 @@ def test_a_training_step_on_episodes_touches_only_generated_positions(monkeypatc
     episodes = run_episodes(student, tok, [prompt, prompt], [lambda n, a: '{"ok": 1}'] * 2)
     batch = as_rollouts(episodes)
     captured = {}
-    real = distill.hidden_states
+    real = opd_step.hidden_states
 
     def spy(model, ids, attn):
         h = real(model, ids, attn)
         if model is student:
             h.register_hook(lambda g: captured.setdefault("grads", []).append(g))
         return h
-    monkeypatch.setattr(distill, "hidden_states", spy)
-    cfg = distill.argparse.Namespace(rule="all", keep=1.0, loss="reverse_kl", beta=0.5,
+    monkeypatch.setattr(opd_step, "hidden_states", spy)
+    cfg = opd_step.StepSettings(rule="all", keep=1.0, loss="reverse_kl", beta=0.5,
                                      importance_weights=False, micro_batch_size=2, micro_batch_tokens=10**6, chunk_size=7,
                                      dtype=torch.float32, pad_id=pad_id(tok))
-    metrics = distill.opd_step(student, teacher, batch, cfg, torch.Generator().manual_seed(0), {})
+    metrics = opd_step.opd_step(student, teacher, batch, cfg, torch.Generator().manual_seed(0), {})
     parts = rollouts.micro_batches(batch, cfg.micro_batch_size, cfg.micro_batch_tokens)
     assert metrics["response_tokens"] == sum(map(sum, batch.masks))
     assert torch.isfinite(torch.tensor(metrics["loss"])) and metrics["loss"] > 0

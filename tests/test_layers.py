@@ -20,7 +20,7 @@ LAYERS = {  # a module may import only from its own layer or the ones below, and
     "tip": 0, "selection": 0, "closed_form": 0, "quadrant_inputs": 0,
     "parallel": 1, "grading": 1, "task_api": 1, "rollouts": 1, "loading": 1, "checkpoint": 1, "memory": 1, "tracking": 1,
     "toy_task": 2, "toy": 2, "math_task": 2, "deepplanning": 2, "tasks": 2,
-    "evaluate": 3, "distill": 3,
+    "evaluate": 3, "opd_step": 3, "distill": 3,
     "analysis": 4, "sweep": 4, "bench": 4,
 }
 
@@ -134,6 +134,14 @@ def test_imports_go_down_or_sideways_only(name):
 def test_no_import_cycles():
     cycle = find_cycle({name: imports_of(name) for name in modules()})
     assert cycle is None, "import cycle: " + " -> ".join(cycle)
+
+
+def test_the_tools_use_the_step_not_the_training_script():
+    """analysis and bench reach the statistics and the step from below distill.py: a tool that
+    imports the training script gets its CLI, its defaults and its task wiring too."""
+    for tool in ("analysis", "bench"):
+        assert "distill" not in imports_of(tool), tool
+    assert "opd_step" in imports_of("bench") and "quadrant_inputs" in imports_of("analysis")
 
 
 def test_the_checker_sees_lazy_imports(tmp_path, monkeypatch):

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import distill
+import opd_step
 from helpers import make_model, make_tokenizer
 from test_distill import REPO, pair  # noqa: F401  (pair: fixture)
 
@@ -117,19 +118,19 @@ def test_killed_run_resumes_to_the_same_metrics_and_weights(pair, tmp_path):
 
 
 def test_non_finite_step_is_skipped_and_counted(pair, tmp_path, monkeypatch, capsys):
-    real, calls = distill.tip.chunked_divergence, {}
+    real, calls = opd_step.tip.chunked_divergence, {}
 
     def poisoned(*args, **kwargs):  # every loss of step 2 is NaN
         loss = real(*args, **kwargs)
         return loss * float("nan") if calls["step"] == 2 else loss
 
-    real_step = distill.opd_step
+    real_step = opd_step.opd_step
 
     def counting_step(*args, **kwargs):
         calls["step"] = calls.get("step", 0) + 1
         return real_step(*args, **kwargs)
 
-    monkeypatch.setattr(distill.tip, "chunked_divergence", poisoned)
+    monkeypatch.setattr(opd_step.tip, "chunked_divergence", poisoned)
     monkeypatch.setattr(distill, "opd_step", counting_step)
     distill.main(tiny(pair, tmp_path / "run", "--steps", "3"))
     records = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
