@@ -54,7 +54,7 @@ def quadrant_table(stats, mask):
 
 
 def followed_row(name, stats, mask, marked, thresholds):
-    """Where a followed token group sits (the toy's carry): how many, the share in each quadrant
+    """Where a followed token group sits (e.g. a planted carry token): how many, the share in each quadrant
     and of the whole reverse-KL mass, and medians: the student's top-1 probability, ĥ and δ̂ over
     their thresholds (ĥ/threshold <= 0.5: far inside the low-entropy half), the reverse KL."""
     n, q = int(marked.sum()), stats["quadrant"][marked]
@@ -145,8 +145,8 @@ def tokens_html(rollouts, stats, mask, tokenizer, limit=6):
 
 def plot_runs(run_dirs, path):
     """Training curves of distill.py runs, overlaid: loss, mean reverse KL, kept share per
-    quadrant, and eval scores where the run has them; where a task follows token groups (the
-    toy's planted carry, `toy/carry/...`), a second row: the group's share in each quadrant, its
+    quadrant, and eval scores where the run has them; where a task follows token groups (a planted
+    carry token, `<group>/...` in the metrics), a second row: the group's share in each quadrant, its
     mean ĥ against the step's threshold, and the share of it the rule kept."""
     records = {run: [json.loads(line) for line in open(os.path.join(run, "metrics.jsonl"))]
                for run in run_dirs}
@@ -224,7 +224,7 @@ def analyze(args):
     task = tasks.get(args.task)
     laptop = {}
     if args.teacher is None:  # the task's laptop pair, with the benchmarks its runs evaluate on
-        args.teacher, args.student, laptop = task.laptop_pair()  # (the toy: its carry followed)
+        args.teacher, args.student, laptop = task.laptop_pair()  # (its followed tokens too)
     given = {f: getattr(args, f) for f in tasks.TASK_FLAGS if getattr(args, f) is not None}
     settings = tasks.Settings(max_prompt_length=args.max_prompt_length, max_new_tokens=args.max_new_tokens,
                               enable_thinking=args.enable_thinking, samples=args.samples_per_prompt,
