@@ -180,9 +180,10 @@ class _ChunkedDivergence(torch.autograd.Function):
                 w = weights[i:i + chunk_size].to(dtype) if weights is not None else None  # (n,)
                 total += (per_token * w).sum() if w is not None else per_token.sum()
                 row_scale = (w * scale).unsqueeze(1) if w is not None else scale  # (n, 1) or float
-                grad_hidden[i:i + chunk_size] = (g @ ws) * row_scale  # (n, D_s)
-                if grad_head is not None:
-                    grad_head.addmm_(g.T, hs * row_scale, beta=1 if i else 0)  # (V, D_s) += Gᵀ H_S
+                torch.mm(g, ws, out=grad_hidden[i:i + hs.shape[0]]).mul_(row_scale)  # (n, D_s)
+                if grad_head is not None:  # (V, D_s) += Gᵀ H_S; unweighted, no (n, D_s) copy
+                    grad_head.addmm_(g.T, hs if w is None else hs * row_scale, beta=1 if i else 0,
+                                     alpha=scale if w is None else 1)
         ctx.grads = grad_hidden, grad_head  # not saved tensors: backward hands them on uncopied
         return total
 
