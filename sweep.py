@@ -58,6 +58,7 @@ LOOK = 10  # steps at each end of a run compared for the artifact flags
 COLLAPSED, EXPLODED, CUT = 0.5, 2.0, 0.25  # last/first length ratios; rise in the share cut
 MARGIN = 2.0  # points: "matches" means the paired difference's interval lies above -MARGIN
 WINDOW = 10  # the carry-token series are kept as means over windows of this many steps
+CARRY = "toy/carry/"  # the toy's followed carry tokens (distill's metrics of a followed group)
 DISTILL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "distill.py")
 
 
@@ -115,7 +116,8 @@ def row_of(records, rule, keep, seed, cmd, seconds):
            "cut_last": mean(steps[-LOOK:], "truncated_share"),
            "tokens_trained": sum(r["kept_tokens"] for r in steps),
            "curve": [{"step": r["step"], **score(r)} for r in evals],
-           "carry": {k: windows([r[k] for r in steps]) for k in steps[0] if k.startswith("toy/carry/")},
+           "carry": {k: windows([r[k] for r in steps]) for k in steps[0]
+                     if k.startswith(CARRY) or (k == "h_threshold" and CARRY + "h_hat" in steps[0])},
            "seconds": round(seconds, 1), "command": cmd}
     row["flag"] = artifact(row)
     return row
@@ -247,13 +249,15 @@ def markdown(table, start, settings, seeds):
     return head + "\n".join(lines)
 
 
-def verdicts_markdown(found, table):
+def verdicts_markdown(found, table, carry=()):
     lines = [f"Resolution: a paired difference of about {resolution(table):.1f} points "
              "(the median 95% half-width against all tokens) is the smallest this sweep tells from "
              "zero.\n"]
     for letter, (text, overall, results) in found.items():
         lines.append(f"- ({letter}) {text}: **{overall}**")
         lines += [f"  - {numbers}: {v}" for v, numbers in results]
+    if carry:
+        lines.append("\nThe carry tokens (for (f)), means over seeds:\n\n" + carry_markdown(carry))
     return "\n".join(lines)
 
 
@@ -281,18 +285,59 @@ def plot_sweep(table, start, path):
     return {label: bar.get_height() for label, bar in zip(labels, bars)}  # what was drawn
 
 
-def plot_carry(rows, configs, path, keys=("toy/carry/q3_share", "toy/carry/kept_share")):
+def carry_series(row, key):
+    """A run's windowed carry series; "h_over_threshold" is the carry's mean ĥ over the step's ĥ
+    threshold (below 1: the low-entropy half, where an entropy rule does not look)."""
+    carry = row.get("carry", {})
+    if key == "h_over_threshold":
+        if CARRY + "h_hat" not in carry or "h_threshold" not in carry:
+            return None
+        return [h / t if t else math.nan for h, t in zip(carry[CARRY + "h_hat"], carry["h_threshold"])]
+    return carry.get(CARRY + key)
+
+
+def carry_summary(rows, configs):
+    """Per configuration, means over its unflagged seeds: the share of the carry tokens the rule
+    kept over training; their share in Q3 and their ĥ / threshold in the first and last window."""
+    out = []
+    for config in configs:
+        mine = [r for r in rows if (r["rule"], r["keep"]) == config and not r["flag"]
+                and carry_series(r, "kept_share")]
+        if not mine:
+            continue
+        mean = lambda key, pick: statistics.fmean(pick(carry_series(r, key)) for r in mine)  # noqa: E731
+        out.append({"rule": config[0], "keep": config[1], "n": len(mine),
+                    "kept": mean("kept_share", statistics.fmean),
+                    "q3_first": mean("q3_share", lambda s: s[0]),
+                    "q3_last": mean("q3_share", lambda s: s[-1]),
+                    "h_first": mean("h_over_threshold", lambda s: s[0]),
+                    "h_last": mean("h_over_threshold", lambda s: s[-1])})
+    return out
+
+
+def carry_markdown(summary):
+    lines = ["| rule | keep | n | carry kept (mean over training) | carry in Q3, first → last "
+             f"{WINDOW} steps | ĥ / threshold, first → last |", "|---|---|---|---|---|---|"]
+    for e in summary:
+        lines.append(f"| {e['rule']} | {e['keep']:g} | {e['n']} | {100 * e['kept']:.0f}% | "
+                     f"{100 * e['q3_first']:.0f}% → {100 * e['q3_last']:.0f}% | "
+                     f"{e['h_first']:.2f} → {e['h_last']:.2f} |")
+    return "\n".join(lines)
+
+
+def plot_carry(rows, configs, path, keys=("q3_share", "h_over_threshold", "kept_share")):
     """The planted carry tokens over training, mean over unflagged seeds, one line per rule: the
-    share of them in Q3 and the share the rule kept (verdict (f)). Returns what was drawn."""
+    share of them in Q3, their ĥ over the threshold and the share the rule kept (verdict (f)).
+    Returns what was drawn."""
     import matplotlib
     matplotlib.use("Agg")  # headless
     import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, len(keys), figsize=(6 * len(keys), 4.5), dpi=100, squeeze=False)
+    fig, axes = plt.subplots(1, len(keys), figsize=(5.5 * len(keys), 4.5), dpi=100, squeeze=False)
     drawn = {}
     for ax, key in zip(axes[0], keys):
         for config in configs:
-            series = [r["carry"][key] for r in rows if (r["rule"], r["keep"]) == config
-                      and not r["flag"] and key in r.get("carry", {})]
+            series = [s for r in rows if (r["rule"], r["keep"]) == config and not r["flag"]
+                      for s in [carry_series(r, key)] if s]
             if not series:
                 continue
             mean = [statistics.fmean(s[i] for s in series) for i in range(min(map(len, series)))]
@@ -301,11 +346,18 @@ def plot_carry(rows, configs, path, keys=("toy/carry/q3_share", "toy/carry/kept_
                     "--" if config[0].startswith("entropy") else "-",
                     color="0.3" if config == BASELINE else None, label=f"{config[0]}@{config[1]:g}")
         ax.set_xlabel(f"distillation step (means over {WINDOW}-step windows)")
-        ax.set_ylabel(key.split("/")[-1].replace("_", " ") + " of the carry tokens")
-        ax.set_ylim(0, 1)
-    axes[0][-1].legend(fontsize=7, ncol=2)
+        ax.set_ylabel({"q3_share": "share of the carry tokens in Q3",
+                       "h_over_threshold": "carry tokens' mean ĥ / the step's ĥ threshold",
+                       "kept_share": "share of the carry tokens kept"}[key])
+        if key == "h_over_threshold" and any(k == key for k, _ in drawn):
+            ax.set_yscale("log")
+            ax.axhline(1.0, color="tab:red", ls=":", lw=1)
+        else:
+            ax.set_ylim(0, 1)
+    fig.legend(*axes[0][0].get_legend_handles_labels(), fontsize=8, loc="center left",
+               bbox_to_anchor=(1.0, 0.5))  # beside the panels: the lines fill them
     fig.tight_layout()
-    fig.savefig(path)
+    fig.savefig(path, bbox_inches="tight")
     plt.close(fig)
     return drawn
 
@@ -391,15 +443,15 @@ def sweep(output_dir, configs=SWEEP, seeds=SEEDS, settings=None, jobs=None, pair
                            "again to retry them (finished runs are kept)")
     rows = read_rows(rows_path)
     start = start_scores(pair["student"] if pair else toy.build()[1])
-    table, found = summarize(rows, configs), verdicts(rows, configs)
+    table, found, carry = summarize(rows, configs), verdicts(rows, configs), carry_summary(rows, configs)
     with open(os.path.join(output_dir, "table.md"), "w") as f:
         f.write(markdown(table, start, settings, seeds) + "\n")
     with open(os.path.join(output_dir, "verdicts.md"), "w") as f:
-        f.write(verdicts_markdown(found, table) + "\n")
+        f.write(verdicts_markdown(found, table, carry) + "\n")
     plot_sweep(table, start, os.path.join(output_dir, "sweep.png"))
     if any(r.get("carry") for r in rows):
         plot_carry(rows, configs, os.path.join(output_dir, "carry.png"))
-    print(markdown(table, start, settings, seeds) + "\n\n" + verdicts_markdown(found, table))
+    print(markdown(table, start, settings, seeds) + "\n\n" + verdicts_markdown(found, table, carry))
     print(f"sweep: {len(plan)} runs in {(time.time() - t0) / 60:.1f} min on {jobs} processes; "
           f"{len(rows)} rows in {rows_path}")
     return rows, table, found

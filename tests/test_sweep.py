@@ -98,6 +98,23 @@ def quick(tmp_path_factory):
     return cache, {"teacher": teacher, "student": student, "dataset": toy.split_path("train", cache)}
 
 
+def test_carry_summary_by_hand():
+    """Means over seeds of the windowed carry series; ĥ over the threshold window by window."""
+    def row(seed, kept, q3, h_hat, thr, flag=None):
+        return {"rule": "entropy", "keep": 0.5, "seed": seed, "flag": flag,
+                "carry": {"toy/carry/kept_share": kept, "toy/carry/q3_share": q3,
+                          "toy/carry/h_hat": h_hat, "h_threshold": thr}}
+    rows = [row(0, [0.0, 0.2], [1.0, 0.5], [0.01, 0.3], [0.1, 0.1]),
+            row(1, [0.1, 0.3], [0.8, 0.7], [0.02, 0.1], [0.1, 0.2]),
+            row(2, [1.0, 1.0], [0.0, 0.0], [9.0, 9.0], [0.1, 0.1], flag="length collapsed")]
+    assert sweep.carry_series(rows[1], "h_over_threshold") == pytest.approx([0.2, 0.5])
+    (e,) = sweep.carry_summary(rows, [("all", 1.0), ("entropy", 0.5)])  # all@1: no rows, no entry
+    assert e["n"] == 2 and e["kept"] == pytest.approx((0.1 + 0.2) / 2)
+    assert (e["q3_first"], e["q3_last"]) == pytest.approx((0.9, 0.6))
+    assert (e["h_first"], e["h_last"]) == pytest.approx(((0.1 + 0.2) / 2, (3.0 + 0.5) / 2))
+    assert "| entropy | 0.5 | 2 | 15% | 90% → 60% | 0.15 → 1.75 |" in sweep.carry_markdown([e])
+
+
 @pytest.fixture(scope="module")
 def result(quick, tmp_path_factory):
     cache, pair = quick
