@@ -349,7 +349,8 @@ def plot_carry(rows, configs, path, keys=("q3_share", "h_over_threshold", "kept_
         ax.set_ylabel({"q3_share": "share of the carry tokens in Q3",
                        "h_over_threshold": "carry tokens' mean ĥ / the step's ĥ threshold",
                        "kept_share": "share of the carry tokens kept"}[key])
-        if key == "h_over_threshold" and any(k == key for k, _ in drawn):
+        if key == "h_over_threshold" and any(v > 0 for (k, _), m in drawn.items()
+                                             if k == key for v in m):
             ax.set_yscale("log")
             ax.axhline(1.0, color="tab:red", ls=":", lw=1)
         else:
