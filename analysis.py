@@ -54,9 +54,9 @@ def quadrant_table(stats, mask):
 
 
 def followed_row(name, stats, mask, marked, thresholds):
-    """Where a followed token group sits (e.g. a planted carry token): how many, the share in each quadrant
-    and of the whole reverse-KL mass, and medians: the student's top-1 probability, ĥ and δ̂ over
-    their thresholds (ĥ/threshold <= 0.5: far inside the low-entropy half), the reverse KL."""
+    """Where a followed token group sits (e.g. a planted carry token): how many, the share in each
+    quadrant and of the whole reverse-KL mass, and medians: the student's top-1 probability, ĥ and
+    δ̂ over their thresholds (ĥ/threshold <= 0.5: far inside the low-entropy half), the reverse KL."""
     n, q = int(marked.sum()), stats["quadrant"][marked]
     median = lambda x: x[marked].float().median().item() if n else float("nan")  # noqa: E731
     return {"tokens": name, "n": n, **{f"q{k}": (q == k).sum().item() / max(n, 1) for k in QUADRANTS},
