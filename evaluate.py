@@ -65,7 +65,8 @@ def before_and_after(history):
     key = next(k for k in evals[-1] if k.startswith("eval/"))
     parts = "".join(f", {k[len(key) + 1:]} {100 * evals[0][k]:.1f}% -> {100 * evals[-1][k]:.1f}%"
                     for k in evals[-1] if k.startswith(key + "/") and k in evals[0])
-    return (f"held-out accuracy ({key}): before {100 * evals[0][key]:.1f}% -> after "
+    first = "before" if not evals[0].get("step") else f"at step {evals[0]['step']}"  # --no-eval-before
+    return (f"held-out accuracy ({key}): {first} {100 * evals[0][key]:.1f}% -> after "
             f"{100 * evals[-1][key]:.1f}%" + (f" ({parts[2:]})" if parts else "") + "\n")
 
 

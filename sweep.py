@@ -164,7 +164,8 @@ def summarize(rows, configs):
         mine = [r for r in rows if (r["rule"], r["keep"]) == config]
         entry = {"rule": config[0], "keep": config[1], "n": sum(not r["flag"] for r in mine),
                  "tokens_trained": statistics.fmean(r["tokens_trained"] for r in mine) if mine else 0,
-                 "flagged": [f"seed {r['seed']}: {r['flag']}" for r in mine if r["flag"]]}
+                 "flagged": [f"seed {r['seed']}: {r['flag']}, accuracy {r['accuracy']:.1f}%"
+                             for r in mine if r["flag"]]}
         for part in PARTS:
             values = list(by_seed(rows, config, part).values())
             entry[part] = mean_ci(values) if values else (math.nan, math.nan)
@@ -189,6 +190,27 @@ def claim(rows, a, b, part, threshold=0.0):
     return verdict(m - h, m + h, threshold), f"{name}: {m:+.1f} [{m - h:+.1f}, {m + h:+.1f}] ({n} seeds)"
 
 
+def broke(rows, config):
+    """{seed: whether its run was flagged} of one (rule, keep)."""
+    return {r["seed"]: bool(r["flag"]) for r in rows if (r["rule"], r["keep"]) == config}
+
+
+def claim_worse(rows, a, b):
+    """"b is worse than a" on accuracy. The paired difference where both ran clean; where that
+    leaves under 2 seeds because runs broke (were flagged), an exact one-sided sign test on the
+    seeds where exactly one of the two broke: b alone broke on all k of them, P = 0.5^k < 0.05."""
+    found, numbers = claim(rows, a, b, "accuracy")
+    fa, fb = broke(rows, a), broke(rows, b)
+    one = sorted(s for s in set(fa) & set(fb) if fa[s] != fb[s])
+    if paired(rows, a, b, "accuracy")[2] >= 2 or not one:
+        return found, numbers
+    only_b = sum(fb[s] for s in one)
+    p = 0.5 ** len(one) if only_b == len(one) else 1.0
+    return ("holds" if p < 0.05 else "cannot tell",
+            f"{numbers}; {b[0]}@{b[1]:g} alone broke on {only_b} of the {len(one)} seeds where "
+            f"one of the two broke, {a[0]}@{a[1]:g} alone on {len(one) - only_b}: sign test P = {p:.3f}")
+
+
 def verdicts(rows, configs):
     """The paper's claims (a)-(f) against this sweep: {letter: (claim, verdict, [(verdict,
     numbers)])}. Each claim is a conjunction of its comparisons: it holds when every one holds,
@@ -203,7 +225,7 @@ def verdicts(rows, configs):
         "c": (f"q3 at 10% matches all tokens (within {MARGIN:g} points)",
               [claim(rows, ("q3", 0.1), BASELINE, "accuracy", -MARGIN)]),
         "d": ("soft-or-bottom at 50% is the worst rule",
-              [claim(rows, c, ("soft-or-bottom", 0.5), "accuracy") for c in configs
+              [claim_worse(rows, c, ("soft-or-bottom", 0.5)) for c in configs
                if c != ("soft-or-bottom", 0.5)]),
         "f": ("rules that see the divergence fix the misconception more than entropy-only rules "
               "at equal keep", [claim(rows, a, b, "misconception") for r in ("soft-or", "q3", "divergence")
@@ -275,6 +297,10 @@ def plot_sweep(table, start, path):
                 fmt="o", color="tab:orange", capsize=2, label="misconception part")
     ax.axhline(start["accuracy"], color="tab:red", ls="--",
                label=f"student before: {start['accuracy']:.1f}%")
+    for i, e in enumerate(table):  # a configuration whose every run was flagged: say so in its slot
+        if e["flagged"] and not e["n"]:
+            ax.text(i, 2, f"all {len(e['flagged'])} runs flagged", rotation=90, ha="center",
+                    va="bottom", fontsize=8, color="tab:red")
     ax.set_xticks(x, labels, rotation=45, ha="right")
     ax.set_ylabel("held-out accuracy % (greedy; 95% CI)")
     ax.set_ylim(0, 110)  # room above the bars for the legend

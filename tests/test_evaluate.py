@@ -100,6 +100,18 @@ def test_mean_at_k_on_a_fixed_matrix():
     assert math_task.mean_at_k([[1], [0]]) == {"mean": 0.5, "std": 0.0, "pass_at_k": 0.5}
 
 
+def test_the_closing_line_names_its_first_evaluation():
+    key = "eval/toy/mean@1"
+    history = [{"step": 0, key: 0.5, f"{key}/misconception": 0.0}, {"step": 5, "loss": 1.0},
+               {"step": 10, key: 0.75, f"{key}/misconception": 0.5}]
+    assert evaluate.before_and_after(history) == (
+        f"held-out accuracy ({key}): before 50.0% -> after 75.0% (misconception 0.0% -> 50.0%)\n")
+    # --no-eval-before: the first evaluation is after step 10, not before training
+    assert evaluate.before_and_after(history[1:] + [{"step": 20, key: 0.8}]).startswith(
+        f"held-out accuracy ({key}): at step 10 75.0% -> after 80.0%")
+    assert evaluate.before_and_after(history[:2]) is None
+
+
 PROBLEMS = [{"problem": "p0", "answer": r"\frac{1}{2}"}, {"problem": "p1", "answer": "7"}]
 COMPLETIONS = [r"so \boxed{0.5}", r"\boxed{1/3}",          # problem 0: right, wrong
                r"\boxed{7} or \boxed{8}", "seven"]         # problem 1: wrong (last box), no box

@@ -44,7 +44,7 @@ def test_paired_difference_uses_the_same_seeds_and_skips_flagged_runs():
     assert entry["n"] == 5 and entry["accuracy_vs_all"] == pytest.approx((m, h))
     assert entry["accuracy"][0] == pytest.approx((41 + 53 + 47 + 99 + 90) / 5)
     flagged = sweep.summarize(rows, [("all", 1.0)])[0]
-    assert flagged["n"] == 4 and flagged["flagged"] == ["seed 5: length collapsed"]
+    assert flagged["n"] == 4 and flagged["flagged"] == ["seed 5: length collapsed, accuracy 0.0%"]
 
 
 def test_verdicts_follow_the_intervals():
@@ -64,6 +64,24 @@ def test_verdicts_follow_the_intervals():
     assert len(found["b"][2]) == 1 and "soft-or@0.5 − entropy@0.5 on accuracy: +5.0 [+5.0, +5.1] (5 seeds)" == found["b"][2][0][1]
     rows += [row("divergence", 0.2, s, 0.5) for s in seeds]  # below soft-or-bottom: (d) fails
     assert sweep.verdicts(rows, configs + [("divergence", 0.2)])["d"][1] == "fails"
+
+
+def test_a_rule_whose_runs_all_broke_is_worse_by_a_sign_test():
+    seeds = range(5)
+    good = [row("all", 1.0, s, 50.0 + s) for s in seeds]
+    bad = [row("soft-or-bottom", 0.5, s, 0.0, flag="length exploded") for s in seeds]
+    a, b = ("all", 1.0), ("soft-or-bottom", 0.5)
+    found, text = sweep.claim_worse(good + bad, a, b)
+    assert found == "holds" and "alone broke on 5 of the 5 seeds" in text and "P = 0.031" in text
+    assert sweep.claim_worse(good[:4] + bad[:4], a, b)[0] == "cannot tell"  # 0.5^4 = 0.0625
+    both = good[:4] + [row("all", 1.0, 4, 0.0, flag="length exploded")] + bad  # seed 4: both broke
+    assert sweep.claim_worse(both, a, b)[0] == "cannot tell"
+    mixed = good[:4] + [row("all", 1.0, 4, 0.0, flag="length exploded")] + bad[:4] + [
+        row("soft-or-bottom", 0.5, 4, 10.0)]  # one seed the other way: no longer all one way
+    assert sweep.claim_worse(mixed, a, b)[0] == "cannot tell"
+    assert sweep.verdicts(good + bad, [a, b])["d"][1] == "holds"
+    clean = [row("soft-or-bottom", 0.5, s, 1.0 + s * 0.1) for s in seeds]  # paired as before
+    assert sweep.claim_worse(good + clean, a, b) == sweep.claim(good + clean, a, b, "accuracy")
 
 
 def records(lengths, cut):
