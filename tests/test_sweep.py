@@ -219,3 +219,27 @@ def test_refuses_a_folder_that_holds_a_sweep_with_other_settings(result):
     out = result[1]
     with pytest.raises(sweep.UsageError, match="holds a sweep with other settings"):
         sweep.sweep(str(out), [("all", 1.0)], [0], SETTINGS, jobs=1)
+
+
+def test_the_committed_sweep_is_its_rows_statistics():
+    """docs/sweep/table.md, verdicts.md and the README's table follow from docs/sweep/runs.jsonl
+    by this sweep.py, at the settings that `python sweep.py` runs by default."""
+    docs = os.path.join(REPO, "docs", "sweep")
+    with open(os.path.join(docs, "sweep.json")) as f:
+        meta = json.load(f)
+    assert meta["settings"] == dict(toy.DISTILL_DEFAULTS) and meta["seeds"] == list(sweep.SEEDS)
+    configs = [tuple(c) for c in meta["configs"]]
+    assert configs == sweep.SWEEP
+    rows = sweep.read_rows(os.path.join(docs, "runs.jsonl"))
+    assert sorted((r["rule"], r["keep"], r["seed"]) for r in rows) == sorted(
+        (rule, keep, seed) for rule, keep in configs for seed in sweep.SEEDS)
+    table = sweep.summarize(rows, configs)
+    start = {"accuracy": 0.0}  # the head line is not compared: it needs the student's evaluation
+    lines = sweep.markdown(table, start, meta["settings"], sweep.SEEDS).split("\n\n", 1)[1]
+    with open(os.path.join(docs, "table.md")) as f:
+        assert f.read().split("\n\n", 1)[1].strip() == lines.strip()
+    with open(os.path.join(REPO, "README.md")) as f:
+        assert lines.strip() in f.read()
+    found, carry = sweep.verdicts(rows, configs), sweep.carry_summary(rows, configs)
+    with open(os.path.join(docs, "verdicts.md")) as f:
+        assert f.read().strip() == sweep.verdicts_markdown(found, table, carry).strip()
