@@ -57,7 +57,7 @@ import loading
 import selection
 import tip
 from loading import hidden_states, lm_head
-from memory import peak_memory, start_memory_window
+from memory import HeapPeak, peak_memory, start_memory_window
 from quadrant_inputs import batch_statistics, rule_inputs
 from rollouts import Rollouts, collate, micro_batches, padded_tokens, position_ids
 
@@ -323,11 +323,12 @@ def loss_cost(spec):
     one warm-up of each, `repeats` rounds each time the floor and then every loss; each round gives
     one ratio per loss (loss / that round's floor), and the figure is the median ratio, with the
     range over rounds.
-    Working set: peak RSS during one forward + backward minus RSS before it (memory.py, Linux),
-    less the (V, D_S) head gradient and the (rows, D_S) hidden gradient the call must return,
-    over chunk × V × 4 bytes. torch's CPU allocator caches nothing and glibc returns blocks this
-    large to the system on free, so RSS follows live tensors; it also counts kernels' own
-    temporaries, which a count of tensors at the Python level would miss."""
+    Working set: the peak of the C heap during one forward + backward minus the heap before it
+    (memory.HeapPeak, sampled at every aten op; torch's CPU allocator caches nothing, so the heap
+    follows live tensors and kernels' buffers), less the (V, D_S) head gradient and the (rows,
+    D_S) hidden gradient the call must return, over chunk × V × 4 bytes. Also the same from peak
+    RSS (memory.py, Linux), which sees a kernel's temporaries within one op too but moves by about
+    ±0.015 of a buffer between repeats."""
     torch.set_num_threads(1)
     shape = spec["head"]
     g = torch.Generator().manual_seed(spec["seed"])
@@ -362,13 +363,18 @@ def loss_cost(spec):
         fn(*args)
         return time.process_time() - t0
 
-    working_set = {}
+    working_set, rss = {}, {}
+    returned, buffer = (vocab + rows) * ds * 4, chunk * vocab * 4  # the two gradients; one (chunk, V)
+    with HeapPeak():  # warm-up: the mode's first use allocates for itself
+        torch.zeros(1)
     for loss in LOSSES:
         forward_backward(loss)  # warm-up
         baseline = start_memory_window(torch.device("cpu"))
         forward_backward(loss)
-        extra = peak_memory(torch.device("cpu")) - baseline - (vocab + rows) * ds * 4
-        working_set[loss] = extra / (chunk * vocab * 4)
+        rss[loss] = (peak_memory(torch.device("cpu")) - baseline - returned) / buffer
+        with HeapPeak() as heap:
+            forward_backward(loss)
+        working_set[loss] = (heap.peak - heap.start - returned) / buffer
     floor()  # warm-up
     floors, fresh_floors, seconds = [], [], {loss: [] for loss in LOSSES}
     for _ in range(shape["repeats"]):
@@ -383,7 +389,7 @@ def loss_cost(spec):
         out.append({"loss": loss, "floor_seconds": statistics.median(floors),
                     "loss_seconds": statistics.median(seconds[loss]),
                     "time_ratio": statistics.median(ratios), "time_ratio_range": (min(ratios), max(ratios)),
-                    "fresh_floor_ratio": statistics.median(fresh), "working_set": working_set[loss], **shape})
+                    "fresh_floor_ratio": statistics.median(fresh), "working_set": working_set[loss], "working_set_rss": rss[loss], **shape})
     return out
 
 
@@ -464,10 +470,10 @@ def standing_table(rows, losses, padding):
                      f"over a floor that also allocates the buffers and gradients, as each call "
                      f"must: {r['fresh_floor_ratio']:.2f}) | {r['time_ratio']:.2f} | ≤ 1.10 |")
     for r in losses:  # below ~16 MiB a (chunk, V) tensor is lost in the noise of the process's RSS
-        seen = r["chunk_size"] * r["vocab"] * 4 >= 2 ** 24
+        rss = f"{r['working_set_rss']:.3f}" if r["chunk_size"] * r["vocab"] * 4 >= 2 ** 24 else "n/a"
         lines.append(f"| loss {r['loss']} working set beyond the gradients, fp32 (chunk, V) tensors "
-                     f"(peak RSS) | {r['working_set']:.3f} | ≤ 2 |" if seen else "| loss "
-                     f"{r['loss']} working set: (chunk, V) too small to measure in RSS | n/a | ≤ 2 |")
+                     f"(C heap peak at op boundaries, memory.HeapPeak; peak RSS: {rss}) | "
+                     f"{r['working_set']:.4f} | ≤ 2 |")
     for name, p in padding.items():
         lines.append(f"| padding: computed / real tokens, {name} mix ({p['rollouts']} rollouts, "
                      f"{p['micro_batches']} micro-batches; in rollout order 4 at a time: "

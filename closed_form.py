@@ -3,8 +3,9 @@ built in place in the two (n, V) buffers that the two models' logits arrive in.
 
 This is the inner step of tip.chunked_divergence. No autograd graph and no third (n, V) tensor:
 the working set of a chunk is the student's and the teacher's logits, the floor for any loss that
-compares them, plus per-row vectors and (block, V) scratch blocks (forward KL one, JSD two),
-whose size does not grow with the chunk: on a CPU a block is one row at V = 151,936.
+compares them, plus per-row vectors and (rows, cols) scratch tiles (forward KL one, JSD two) whose
+size does not grow with the chunk or the vocabulary: on a CPU a tile is one row of 43,690 or
+32,768 columns (0.11% and 0.17% of a (256, 151,936) buffer).
 
 Notation: one row is one position; z_S, z_T its logits, s = log P_S, t = log P_T (log-softmaxes),
 p = P_S, q = P_T. For any loss L(p) the softmax Jacobian gives dL/dz_u = p_u (a_u - Σ_v p_v a_v)
@@ -31,11 +32,12 @@ with a = dL/dp. Per row:
 Underflow: where p or q underflows to 0 its log-softmax stays finite, so 0 · (finite) = 0, never
 0 · log 0 = NaN: every product here is a probability times a finite difference of log-softmaxes.
 
-Speed: the rows are taken `block` at a time, every pass of a block before the next. On a CPU a
-block is the rows whose (rows, V) slice fits in CACHE_BYTES (one row at V = 151,936), so after the
-first pass over it the others read a core's L2 cache instead of memory; on a GPU the passes are
-memory-bound anyway and a block is GPU_BLOCK_ROWS rows (the whole chunk for reverse KL, which
-needs no scratch), so a chunk launches few kernels.
+Speed: the rows are taken `block` at a time and, for the losses with scratch, each block
+`cols` columns at a time, every pass over a tile before the next. On a CPU a tile is one row and
+as many columns as keep its slices of both buffers and the scratch within CACHE_BYTES, so after
+the first pass over it the others read a core's L2 cache instead of memory (reverse KL, which
+needs no scratch, takes whole rows); on a GPU the passes are memory-bound anyway, so a tile is
+GPU_BLOCK_ROWS whole rows (the whole chunk for reverse KL) and a chunk launches few kernels.
 """
 import math
 
@@ -58,14 +60,17 @@ def check(loss, beta):
         raise ValueError(f"beta must be in [0, 1], got {beta}")
 
 
-def block_rows(z, scratch_blocks):
-    """Rows per block for the (n, V) buffer z (see the module's docstring)."""
+def tile(z, scratch_blocks):
+    """(rows, cols) of a block for the (n, V) buffer z (see the module's docstring)."""
+    n, vocab = z.shape
     if z.device.type != "cpu":  # a loss without scratch (reverse KL) takes the chunk at once
-        return GPU_BLOCK_ROWS if scratch_blocks else z.shape[0]
-    return max(1, CACHE_BYTES // (z.shape[1] * z.element_size()))
+        return (GPU_BLOCK_ROWS if scratch_blocks else n), vocab
+    if not scratch_blocks:
+        return max(1, CACHE_BYTES // (vocab * z.element_size())), vocab
+    return 1, max(1, CACHE_BYTES // ((2 + scratch_blocks) * z.element_size()))
 
 
-def _reverse_kl(zs, zt, scratch, per_row, beta):
+def _reverse_kl(zs, zt, scratch, per_row, beta, cols):
     """G = p ⊙ (s - t - KL) in place of zt; zs ends as p."""
     s = torch.log_softmax(zs, -1, out=zs)  # (r, V) log P_S, in place of z_S
     t = torch.log_softmax(zt, -1, out=zt)  # (r, V) log P_T, in place of z_T
@@ -75,54 +80,60 @@ def _reverse_kl(zs, zt, scratch, per_row, beta):
     d.sub_(per_row.unsqueeze(1)).mul_(p)
 
 
-def _forward_kl(zs, zt, scratch, per_row, beta):
+def _forward_kl(zs, zt, scratch, per_row, beta, cols):
     """G = p - q in place of zs; zt ends as q."""
     s = torch.log_softmax(zs, -1, out=zs)
     t = torch.log_softmax(zt, -1, out=zt)
-    d = torch.sub(t, s, out=scratch[0])  # (r, V) t - s
-    q = t.exp_()  # (r, V) P_T, in place of t
-    per_row.copy_(rowdot(q, d))  # KL(P_T ‖ P_S)
-    s.exp_().sub_(q)
+    per_row.zero_()
+    for j in range(0, s.shape[1], cols):  # (r, c) tiles: s, t, and t - s in the scratch
+        sj, tj = s[:, j:j + cols], t[:, j:j + cols]
+        d = torch.sub(tj, sj, out=scratch[0, :, :sj.shape[1]])  # (r, c) t - s
+        per_row.add_(rowdot(tj.exp_(), d))  # KL(P_T ‖ P_S), with t -> q in place
+    s.exp_().sub_(t)
 
 
-def _jsd(zs, zt, scratch, per_row, beta):
-    """G / -(1 - β) = p ⊙ (y - Σ p y) in place of zs; zt ends as q."""
+def _jsd(zs, zt, scratch, per_row, beta, cols):
+    """G / -(1 - β) = p ⊙ (y - Σ p y) in place of zs; zt ends as y."""
     c = math.log(beta / (1 - beta))
     s = torch.log_softmax(zs, -1, out=zs)
     t = torch.log_softmax(zt, -1, out=zt)
-    u = torch.sub(t, s, out=scratch[0])  # (r, V) u = t - s + c
-    if c:
-        u.add_(c)
-    y = torch.logaddexp(u, u.new_zeros(()), out=scratch[1])  # (r, V) y = softplus(u)
-    q = t.exp_()  # (r, V) P_T, in place of t
-    kl_t = rowdot(q, u.sub_(y)).sub_(math.log(beta))  # KL(P_T ‖ M) = Σ q (u - y) - log β
-    p = s.exp_()  # (r, V) P_S, in place of s
-    py = rowdot(p, y)  # (r,) Σ p y = -KL(P_S ‖ M) - log(1 - β)
+    kl_t, py = torch.zeros_like(per_row), torch.zeros_like(per_row)  # (r,) each
+    for j in range(0, s.shape[1], cols):  # (r, c) tiles: s, t, and u, y in the scratch
+        sj, tj = s[:, j:j + cols], t[:, j:j + cols]
+        u = torch.sub(tj, sj, out=scratch[0, :, :sj.shape[1]])  # (r, c) u = t - s + c
+        if c:
+            u.add_(c)
+        y = torch.logaddexp(u, u.new_zeros(()), out=scratch[1, :, :sj.shape[1]])  # softplus(u)
+        kl_t.add_(rowdot(tj.exp_(), u.sub_(y)))  # Σ q (u - y), with t -> q in place
+        py.add_(rowdot(sj.exp_(), y))  # Σ p y, with s -> p in place
+        tj.copy_(y)  # q is spent: t's tile keeps y for the gradient
+    kl_t.sub_(math.log(beta))  # KL(P_T ‖ M)
     per_row.copy_(kl_t.mul_(beta).sub_((1 - beta) * (py + math.log(1 - beta))))
-    torch.mul(p, y.sub_(py.unsqueeze(1)), out=p)
+    torch.mul(s, t.sub_(py.unsqueeze(1)), out=s)
 
 
 STEPS = {"reverse_kl": (_reverse_kl, 0), "forward_kl": (_forward_kl, 1),
-         "jsd": (_jsd, 2)}  # loss -> (one block's step, how many (block, V) scratch blocks)
+         "jsd": (_jsd, 2)}  # loss -> (one block's step, how many scratch tiles)
 
 
-def divergence_and_grad_(loss, beta, zs, zt, block=None):
+def divergence_and_grad_(loss, beta, zs, zt, block=None, cols=None):
     """Per-row loss and dL/dz_S from student and teacher logits zs, zt (n, V), both overwritten.
 
     Returns (per_row (n,), grad, scale): `grad` is zs or zt, now holding G / scale, and scale is a
     float (1, or -(1 - β) for JSD) for the caller to fold into its per-row weights, which costs an
-    (n, D) product instead of another pass over (n, V). `block`: rows per block (block_rows).
+    (n, D) product instead of another pass over (n, V). `block`, `cols`: a tile's rows and columns
+    (default: tile()).
     """
     check(loss, beta)
     if loss == "jsd" and beta in (0.0, 1.0):  # the endpoints are the two KLs (tip.generalized_jsd)
         loss = "forward_kl" if beta == 0.0 else "reverse_kl"
-    n = zs.shape[0]
-    step, blocks = STEPS[loss]
-    block = min(n, block or block_rows(zs, blocks))
-    scratch = zs.new_empty(blocks, block, zs.shape[1])  # (blocks, block, V)
+    (n, vocab), (step, blocks) = zs.shape, STEPS[loss]
+    rows, width = tile(zs, blocks)
+    block, cols = min(n, block or rows), min(vocab, cols or width)
+    scratch = zs.new_empty(blocks, block, cols)  # (blocks, block, cols)
     per_row = zs.new_empty(n)  # (n,)
     for i in range(0, n, block):
         r = slice(i, i + block)
-        step(zs[r], zt[r], scratch[:, :zs[r].shape[0]], per_row[r], beta)
+        step(zs[r], zt[r], scratch[:, :zs[r].shape[0]], per_row[r], beta, cols)
     grad, scale = {"reverse_kl": (zt, 1.0), "forward_kl": (zs, 1.0), "jsd": (zs, -(1 - beta))}[loss]
     return per_row, grad, scale

@@ -165,8 +165,7 @@ class _ChunkedDivergence(torch.autograd.Function):
         n_all, device = student_hidden.shape[0], student_hidden.device
         dtype = torch.promote_types(student_hidden.dtype, torch.float32)
         ws, wt = student_head.to(dtype), teacher_head.to(dtype)  # (V, D_s), (V, D_t)
-        rows = min(chunk_size, n_all)
-        zs_buf, zt_buf = torch.empty(2, rows, ws.shape[0], dtype=dtype, device=device)  # (n, V) each
+        zs_buf, zt_buf = torch.empty(2, min(chunk_size, n_all), len(ws), dtype=dtype, device=device)
         grad_hidden = torch.empty_like(student_hidden)  # (N, D_s)
         grad_head = torch.empty_like(ws) if ctx.needs_input_grad[1] else None  # (V, D_s)
         total = torch.zeros((), dtype=dtype, device=device)
@@ -180,10 +179,11 @@ class _ChunkedDivergence(torch.autograd.Function):
                 w = weights[i:i + chunk_size].to(dtype) if weights is not None else None  # (n,)
                 total += (per_token * w).sum() if w is not None else per_token.sum()
                 row_scale = (w * scale).unsqueeze(1) if w is not None else scale  # (n, 1) or float
-                torch.mm(g, ws, out=grad_hidden[i:i + hs.shape[0]]).mul_(row_scale)  # (n, D_s)
-                if grad_head is not None:  # (V, D_s) += Gᵀ H_S; unweighted, no (n, D_s) copy
-                    grad_head.addmm_(g.T, hs if w is None else hs * row_scale, beta=1 if i else 0,
-                                     alpha=scale if w is None else 1)
+                gh = grad_hidden[i:i + hs.shape[0]]  # (n, D_s), first the weighted H_S: no copy
+                if grad_head is not None:  # (V, D_s) += Gᵀ H_S
+                    h = hs if w is None else torch.mul(hs, row_scale, out=gh)
+                    grad_head.addmm_(g.T, h, beta=1 if i else 0, alpha=scale if w is None else 1)
+                torch.mm(g, ws, out=gh).mul_(row_scale)  # (n, D_s)
         ctx.grads = grad_hidden, grad_head  # not saved tensors: backward hands them on uncopied
         return total
 
