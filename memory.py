@@ -72,19 +72,23 @@ def phase(times, name, device):
     times[name] = times.get(name, 0.0) + time.perf_counter() - t0
 
 
-def _heap_in_use():
-    """Bytes malloc'd and not yet freed (glibc's mallinfo2: arena blocks in use + mmapped ones),
-    or nan where there is no glibc >= 2.33."""
-    try:
-        mallinfo2 = ctypes.CDLL("libc.so.6").mallinfo2
-    except (OSError, AttributeError):
-        return math.nan
+class _MallInfo2(ctypes.Structure):  # glibc's struct mallinfo2 (glibc >= 2.33)
+    _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks",
+                "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
 
-    class Info(ctypes.Structure):
-        _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks",
-                    "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
-    mallinfo2.restype = Info
-    info = mallinfo2()
+
+try:
+    _mallinfo2 = ctypes.CDLL("libc.so.6").mallinfo2
+    _mallinfo2.restype = _MallInfo2
+except (OSError, AttributeError):  # no glibc, or one older than 2.33
+    _mallinfo2 = None
+
+
+def _heap_in_use():
+    """Bytes malloc'd and not yet freed (arena blocks in use + mmapped ones), or nan."""
+    if _mallinfo2 is None:
+        return math.nan
+    info = _mallinfo2()
     return info.uordblks + info.hblkhd
 
 
