@@ -45,6 +45,7 @@ import argparse
 import json
 import math
 import multiprocessing
+import os
 import statistics
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -57,7 +58,7 @@ import loading
 import selection
 import tip
 from loading import hidden_states, lm_head
-from memory import HeapPeak, peak_memory, start_memory_window
+from memory import HeapPeak, keep_freed_memory, minor_page_faults, peak_memory, start_memory_window
 from quadrant_inputs import batch_statistics, rule_inputs
 from rollouts import Rollouts, collate, micro_batches, padded_tokens, position_ids
 
@@ -316,13 +317,18 @@ def loss_cost(spec):
     and its working set in fp32 (chunk, V) tensors.
 
     Floor: per chunk z_S = H_S W_Sᵀ and z_T = H_T W_Tᵀ into preallocated buffers, dH_S = G W_S and
-    dW_S += Gᵀ H_S, on the same inputs. Also timed: the same with the two (chunk, V) buffers and the
-    two gradients allocated afresh, as every call of a loss must: their first touch page-faults,
-    and the difference between the two floors is that cost. Time: CPU time (user + system, so page faults count) of one
-    thread, which other processes' turns on a shared CPU do not inflate as they do wall time. After
-    one warm-up of each, `repeats` rounds each time the floor and then every loss; each round gives
-    one ratio per loss (loss / that round's floor), and the figure is the median ratio, with the
-    range over rounds.
+    dW_S += Gᵀ H_S, on the same inputs. Time: CPU time (user + system, so page faults count) of one
+    thread, which other processes' turns on a shared CPU do not inflate as they do wall time. The
+    figure compares arithmetic with arithmetic: glibc keeps what it frees for reuse
+    (memory.keep_freed_memory, what a caching allocator does, PyTorch's own on a GPU), so after a
+    warm-up call the loss's fresh buffers and gradients reuse pages already touched, as the floor's
+    preallocated ones are; the page faults of those calls are counted, to show it. After warm-ups,
+    `repeats` rounds each time the floor and then every loss; each round gives one ratio per loss
+    (loss / that round's floor), and the figure is the median ratio, with the range over rounds.
+    Timed first, the same way: glibc's defaults, under which every call mmaps its two (chunk, V)
+    buffers and its gradients afresh and first-touches them page by page, with the page faults
+    and system seconds of a call (what a fault costs is up to the OS: on one virtual machine the
+    same call's system time moved between 0.4 and 2.8 s within an hour).
     Working set: the peak of the C heap during one forward + backward minus the heap before it
     (memory.HeapPeak, sampled at every aten op; torch's CPU allocator caches nothing, so the heap
     follows live tensors and kernels' buffers), less the (V, D_S) head gradient and the (rows,
@@ -341,15 +347,13 @@ def loss_cost(spec):
     a, b = torch.empty(chunk, vocab), torch.empty(chunk, vocab)  # (chunk, V) each
     grad_hidden, grad_head = torch.empty(rows, ds), torch.zeros(vocab, ds)
 
-    def floor(fresh=False):  # fresh: allocate the buffers and gradients, as each call of a loss must
-        x, y = torch.empty(2, chunk, vocab) if fresh else (a, b)
-        gh, gw = (torch.empty(rows, ds), torch.empty(vocab, ds)) if fresh else (grad_hidden, grad_head)
+    def floor():
         for i in range(0, rows, chunk):
             n = hs[i:i + chunk].shape[0]
-            torch.mm(hs[i:i + chunk], ws.T, out=x[:n])
-            torch.mm(ht[i:i + chunk], wt.T, out=y[:n])
-            torch.mm(x[:n], ws, out=gh[i:i + n])
-            gw.addmm_(x[:n].T, hs[i:i + chunk], beta=1 if i else 0)
+            torch.mm(hs[i:i + chunk], ws.T, out=a[:n])
+            torch.mm(ht[i:i + chunk], wt.T, out=b[:n])
+            torch.mm(a[:n], ws, out=grad_hidden[i:i + n])
+            grad_head.addmm_(a[:n].T, hs[i:i + chunk], beta=1 if i else 0)
 
     hs_, ws_ = hs.clone().requires_grad_(), ws.clone().requires_grad_()
 
@@ -358,10 +362,18 @@ def loss_cost(spec):
         tip.chunked_divergence(hs_, ws_, ht, wt, loss, 0.5, chunk, weights).backward()
         hs_.grad = ws_.grad = None
 
-    def cpu_seconds(fn, *args):
-        t0 = time.process_time()
+    def timed(fn, *args):  # (CPU seconds, of them system seconds, minor page faults)
+        t0, sys0, faults0 = time.process_time(), os.times().system, minor_page_faults()
         fn(*args)
-        return time.process_time() - t0
+        return (time.process_time() - t0, os.times().system - sys0, minor_page_faults() - faults0)
+
+    def rounds():  # {"floor" or loss: [timed(...) per round]}, interleaved
+        out = {"floor": [], **{loss: [] for loss in LOSSES}}
+        for _ in range(shape["repeats"]):
+            out["floor"].append(timed(floor))
+            for loss in LOSSES:
+                out[loss].append(timed(forward_backward, loss))
+        return out
 
     working_set, rss = {}, {}
     returned, buffer = (vocab + rows) * ds * 4, chunk * vocab * 4  # the two gradients; one (chunk, V)
@@ -376,20 +388,26 @@ def loss_cost(spec):
             forward_backward(loss)
         working_set[loss] = (heap.peak - heap.start - returned) / buffer
     floor()  # warm-up
-    floors, fresh_floors, seconds = [], [], {loss: [] for loss in LOSSES}
-    for _ in range(shape["repeats"]):
-        floors.append(cpu_seconds(floor))
-        fresh_floors.append(cpu_seconds(floor, True))
-        for loss in LOSSES:
-            seconds[loss].append(cpu_seconds(forward_backward, loss))
+    default = rounds()  # glibc's defaults: fresh pages every call
+    with keep_freed_memory() as kept:
+        for loss in LOSSES:  # warm-up: the heap grows to what the calls need, then reuses it
+            forward_backward(loss)
+        steady = rounds()
+
+    def ratios(timings, loss):
+        return [t[0] / f[0] for t, f in zip(timings[loss], timings["floor"])]
+
     out = []
     for loss in LOSSES:
-        ratios = [t / f for t, f in zip(seconds[loss], floors)]
-        fresh = [t / f for t, f in zip(seconds[loss], fresh_floors)]
-        out.append({"loss": loss, "floor_seconds": statistics.median(floors),
-                    "loss_seconds": statistics.median(seconds[loss]),
-                    "time_ratio": statistics.median(ratios), "time_ratio_range": (min(ratios), max(ratios)),
-                    "fresh_floor_ratio": statistics.median(fresh), "working_set": working_set[loss], "working_set_rss": rss[loss], **shape})
+        r = ratios(steady, loss)
+        out.append({"loss": loss, "floor_seconds": statistics.median(t[0] for t in steady["floor"]),
+                    "loss_seconds": statistics.median(t[0] for t in steady[loss]),
+                    "time_ratio": statistics.median(r), "time_ratio_range": (min(r), max(r)),
+                    "freed_memory_kept": kept, "page_faults": max(t[2] for t in steady[loss]),
+                    "default_ratio": statistics.median(ratios(default, loss)),
+                    "default_system_seconds": statistics.median(t[1] for t in default[loss]),
+                    "default_page_faults": statistics.median(t[2] for t in default[loss]),
+                    "working_set": working_set[loss], "working_set_rss": rss[loss], **shape})
     return out
 
 
@@ -464,11 +482,15 @@ def standing_table(rows, losses, padding):
     lines = ["| figure | value | target |", "|---|---|---|"]
     for r in losses:
         lo, hi = r["time_ratio_range"]
+        reuse = (f"freed memory kept for reuse, {r['page_faults']} page faults in a call"
+                 if r["freed_memory_kept"] else "glibc's defaults: no mallopt here")
         lines.append(f"| loss {r['loss']} forward + backward / four-GEMM floor, with weights "
                      f"({where}; one thread, CPU time, median of {r['repeats']} interleaved rounds, "
                      f"range {lo:.2f}–{hi:.2f}; {r['loss_seconds']:.3g} s / {r['floor_seconds']:.3g} s; "
-                     f"over a floor that also allocates the buffers and gradients, as each call "
-                     f"must: {r['fresh_floor_ratio']:.2f}) | {r['time_ratio']:.2f} | ≤ 1.10 |")
+                     f"{reuse}; with glibc's defaults a call faults in its buffers and gradients "
+                     f"afresh, {r['default_page_faults']:.0f} page faults and "
+                     f"{r['default_system_seconds']:.2f} s of system time: "
+                     f"{r['default_ratio']:.2f}) | {r['time_ratio']:.2f} | ≤ 1.10 |")
     for r in losses:  # below ~16 MiB a (chunk, V) tensor is lost in the noise of the process's RSS
         rss = f"{r['working_set_rss']:.3f}" if r["chunk_size"] * r["vocab"] * 4 >= 2 ** 24 else "n/a"
         lines.append(f"| loss {r['loss']} working set beyond the gradients, fp32 (chunk, V) tensors "

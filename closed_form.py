@@ -49,6 +49,8 @@ GPU_BLOCK_ROWS = 16
 
 def rowdot(a, b):
     """Σ_v a_v b_v per row as a batched (1, V) @ (V, 1) product: no (n, V) temporary. -> (n,)."""
+    if a.shape[0] == 1:  # a CPU tile: one dot, a fifth of a batched product's overhead
+        return torch.dot(a[0], b[0]).view(1)
     return (a.unsqueeze(1) @ b.unsqueeze(-1)).view(-1)
 
 
@@ -98,15 +100,16 @@ def _jsd(zs, zt, scratch, per_row, beta, cols):
     s = torch.log_softmax(zs, -1, out=zs)
     t = torch.log_softmax(zt, -1, out=zt)
     kl_t, py = torch.zeros_like(per_row), torch.zeros_like(per_row)  # (r,) each
-    for j in range(0, s.shape[1], cols):  # (r, c) tiles: s, t, and u, y in the scratch
+    for j in range(0, s.shape[1], cols):  # (r, c) tiles: s, t, and u, q in the scratch
         sj, tj = s[:, j:j + cols], t[:, j:j + cols]
-        u = torch.sub(tj, sj, out=scratch[0, :, :sj.shape[1]])  # (r, c) u = t - s + c
+        u, q = scratch[:, :, :sj.shape[1]]  # (r, c) each
+        torch.sub(tj, sj, out=u)  # u = t - s + c
         if c:
             u.add_(c)
-        y = torch.logaddexp(u, u.new_zeros(()), out=scratch[1, :, :sj.shape[1]])  # softplus(u)
-        kl_t.add_(rowdot(tj.exp_(), u.sub_(y)))  # Σ q (u - y), with t -> q in place
+        torch.exp(tj, out=q)  # q: t is spent, and its tile takes y
+        y = torch.logaddexp(u, u.new_zeros(()), out=tj)  # y = softplus(u)
+        kl_t.add_(rowdot(q, u.sub_(y)))  # Σ q (u - y)
         py.add_(rowdot(sj.exp_(), y))  # Σ p y, with s -> p in place
-        tj.copy_(y)  # q is spent: t's tile keeps y for the gradient
     kl_t.sub_(math.log(beta))  # KL(P_T ‖ M)
     per_row.copy_(kl_t.mul_(beta).sub_((1 - beta) * (py + math.log(1 - beta))))
     torch.mul(s, t.sub_(py.unsqueeze(1)), out=s)

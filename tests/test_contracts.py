@@ -4,6 +4,9 @@ data order streams, and peak memory without /proc."""
 import builtins
 import json
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -205,3 +208,46 @@ def test_windows_has_no_peak_but_still_runs(monkeypatch):
     assert math.isnan(memory.start_memory_window(torch.device("cpu")))
     assert math.isnan(memory.peak_memory(torch.device("cpu")))
 
+
+
+# ---------------------------------------------------------------------------------------------
+# Freed memory kept for reuse (bench.py times the loss with it)
+# ---------------------------------------------------------------------------------------------
+
+KEPT_CALLS = """
+import json, torch, memory, tip
+torch.set_num_threads(1)
+g = torch.Generator().manual_seed(0)
+rows, chunk, vocab = 320, 256, 40_000  # (2, 256, 40000) fp32 buffers: 82 MB, always mmapped
+hs, ws = torch.randn(rows, 16, generator=g).requires_grad_(), torch.randn(vocab, 16, generator=g).requires_grad_()
+ht, wt = torch.randn(rows, 24, generator=g), torch.randn(vocab, 24, generator=g)
+def call():  # page faults of one forward + backward
+    before = memory.minor_page_faults()
+    tip.chunked_divergence(hs, ws, ht, wt, "jsd", 0.5, chunk).backward()
+    hs.grad = ws.grad = None
+    return memory.minor_page_faults() - before
+def mmapped_by_a_new_block():  # did malloc mmap a tensor larger than all of its heap?
+    before = memory._mallinfo2()
+    x = torch.empty((before.arena >> 2) + (1 << 24))  # untouched: no memory is used
+    return memory._mallinfo2().hblkhd - before.hblkhd >= x.numel() * 4
+default = [call() for _ in range(3)]
+with memory.keep_freed_memory() as kept:
+    warm_up = [call() for _ in range(3)]
+    steady = [call() for _ in range(2)]
+    inside = mmapped_by_a_new_block()
+print(json.dumps(dict(kept=kept, default=default[1:], steady=steady, inside=inside,
+                 after=mmapped_by_a_new_block())))
+"""
+
+
+def test_freed_memory_is_kept_for_reuse_and_the_defaults_return():
+    """In a fresh process (the allocator's settings are the process's): by default every call
+    page-faults its 82 MB of buffers afresh; with freed memory kept, a repeated call reuses touched
+    pages after a warm-up; after the block a large block is mmapped again."""
+    out = json.loads(subprocess.run([sys.executable, "-c", KEPT_CALLS], capture_output=True,
+                                    text=True, check=True, cwd=Path(__file__).parents[1]).stdout)
+    if not out["kept"]:
+        pytest.skip("no glibc mallopt here")
+    assert min(out["default"]) > 15_000  # 82 MB / 4 KiB = 20,000 pages
+    assert min(out["steady"]) < 1_000
+    assert not out["inside"] and out["after"]  # a block larger than the heap: brk grows it; mmap
