@@ -317,9 +317,9 @@ def loss_cost(spec):
     and its working set in fp32 (chunk, V) tensors.
 
     Floor: per chunk z_S = H_S W_Sᵀ and z_T = H_T W_Tᵀ into preallocated buffers, dH_S = G W_S and
-    dW_S += Gᵀ H_S, on the same inputs. Time: CPU time (user + system, so page faults count) of one
-    thread, which other processes' turns on a shared CPU do not inflate as they do wall time. The
-    figure compares arithmetic with arithmetic: glibc keeps what it frees for reuse
+    dW_S += Gᵀ H_S, on the same inputs. Time: CPU time (user + system, so page faults count) of
+    one thread, which other processes' turns on a shared CPU do not inflate as they do wall time.
+    The figure compares arithmetic with arithmetic: glibc keeps what it frees for reuse
     (memory.keep_freed_memory, what a caching allocator does, PyTorch's own on a GPU), so after a
     warm-up call the loss's fresh buffers and gradients reuse pages already touched, as the floor's
     preallocated ones are; the page faults of those calls are counted, to show it. After warm-ups,

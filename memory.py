@@ -108,14 +108,14 @@ except (OSError, AttributeError):  # no glibc
 def keep_freed_memory():
     """Within the block glibc's malloc keeps what is freed for the next allocation, as a caching
     allocator does (PyTorch's own on a GPU; jemalloc or tcmalloc on a CPU): no block is mmapped
-    (by default a block over the mmap threshold, 128 KiB rising to 32 MiB, is, and is unmapped
-    when freed) and the heap is not trimmed. A tensor allocated again after one of its size was freed then reuses
-    pages already touched, where otherwise its first touch page-faults every 4 KiB page afresh.
-    Not guaranteed: torch's 64-byte-aligned requests need a little more than the block they freed,
-    so reuse waits for that block to merge with its free neighbours, which a repeated pattern of
-    calls reaches after one warm-up and a one-off pattern may not; count the faults
-    (minor_page_faults) to know. Yields whether it applies (False without glibc). On exit the
-    defaults return; glibc's dynamic mmap threshold stays off (a fixed 128 KiB)."""
+    (by default one over the mmap threshold, 128 KiB rising to 32 MiB, is, and is unmapped when
+    freed) and the heap is not trimmed. A tensor allocated again after one of its size was freed
+    then reuses pages already touched, where otherwise its first touch page-faults every 4 KiB page
+    afresh. Not guaranteed: torch's 64-byte-aligned requests need a little more than the block
+    they freed, so reuse waits for that block to merge with its free neighbours, which a repeated
+    pattern of calls reaches after a warm-up call or two (and now and then loses for a call) and a
+    one-off pattern may not; count the faults (minor_page_faults) to know. Yields whether it applies (False without glibc). On exit
+    the defaults return; glibc's dynamic mmap threshold stays off (a fixed 128 KiB)."""
     if _mallopt is None:
         yield False
         return
