@@ -325,10 +325,9 @@ def loss_cost(spec):
     preallocated ones are; the page faults of those calls are counted, to show it. After warm-ups,
     `repeats` rounds each time the floor and then every loss; each round gives one ratio per loss
     (loss / that round's floor), and the figure is the median ratio, with the range over rounds.
-    Timed first, the same way: glibc's defaults, under which every call mmaps its two (chunk, V)
-    buffers and its gradients afresh and first-touches them page by page, with the page faults
-    and system seconds of a call (what a fault costs is up to the OS: on one virtual machine the
-    same call's system time moved between 0.4 and 2.8 s within an hour).
+    Timed first, the same way: glibc's defaults, where every call mmaps its buffers and gradients
+    afresh and faults them in page by page, with a call's faults and system seconds (up to the
+    OS: on one virtual machine 0.4 to 2.8 s for the same call within an hour).
     Working set: the peak of the C heap during one forward + backward minus the heap before it
     (memory.HeapPeak, sampled at every aten op; torch's CPU allocator caches nothing, so the heap
     follows live tensors and kernels' buffers), less the (V, D_S) head gradient and the (rows,
@@ -492,8 +491,9 @@ def standing_table(rows, losses, padding):
                      f"{r['default_system_seconds']:.2f} s of system time: "
                      f"{r['default_ratio']:.2f}) | {r['time_ratio']:.2f} | ≤ 1.10 |")
     for r in losses:  # below ~16 MiB a (chunk, V) tensor is lost in the noise of the process's RSS
-        rss = f"{r['working_set_rss']:.3f}" if r["chunk_size"] * r["vocab"] * 4 >= 2 ** 24 else "n/a"
-        rest = (r["working_set"] - 2) * r["chunk_size"] * r["vocab"] * 4 / 1024  # KiB beyond two
+        buffer = r["chunk_size"] * r["vocab"] * 4  # bytes of one (chunk, V) fp32 tensor
+        rss = f"{r['working_set_rss']:.3f}" if buffer >= 2 ** 24 else "n/a"
+        rest = (r["working_set"] - 2) * buffer / 1024  # KiB beyond two buffers
         lines.append(f"| loss {r['loss']} working set beyond the gradients, fp32 (chunk, V) tensors "
                      f"(C heap peak at op boundaries, memory.HeapPeak; two buffers and {rest:.0f} "
                      f"KiB of per-row vectors, one-row scratch tiles and malloc's small blocks; "

@@ -48,8 +48,9 @@ GPU_BLOCK_ROWS = 16
 
 
 def rowdot(a, b):
-    """Σ_v a_v b_v per row as a batched (1, V) @ (V, 1) product: no (n, V) temporary. -> (n,)."""
-    if a.shape[0] == 1:  # a CPU tile: one dot, a fifth of a batched product's overhead
+    """Σ_v a_v b_v per row as a batched (1, V) @ (V, 1) product (one row: a dot), no (n, V)
+    temporary. -> (n,)."""
+    if a.shape[0] == 1:  # a CPU tile: a fifth of the batched product's overhead
         return torch.dot(a[0], b[0]).view(1)
     return (a.unsqueeze(1) @ b.unsqueeze(-1)).view(-1)
 

@@ -90,18 +90,15 @@ class _MallInfo2(ctypes.Structure):  # glibc's struct mallinfo2 (glibc >= 2.33)
 
 
 try:
-    _mallinfo2 = ctypes.CDLL("libc.so.6").mallinfo2
+    _libc = ctypes.CDLL("libc.so.6")
+except OSError:  # no glibc
+    _libc = None
+_mallinfo2 = getattr(_libc, "mallinfo2", None)  # None also on a glibc older than 2.33
+if _mallinfo2 is not None:
     _mallinfo2.restype = _MallInfo2
-except (OSError, AttributeError):  # no glibc, or one older than 2.33
-    _mallinfo2 = None
-
-
+_mallopt = getattr(_libc, "mallopt", None)
 M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # mallopt's parameters (glibc's malloc.h) and defaults:
-DEFAULTS = {M_TRIM_THRESHOLD: 128 * 1024, M_MMAP_MAX: 65536}
-try:
-    _mallopt = ctypes.CDLL("libc.so.6").mallopt
-except (OSError, AttributeError):  # no glibc
-    _mallopt = None
+_MALLOPT_DEFAULTS = {M_TRIM_THRESHOLD: 128 * 1024, M_MMAP_MAX: 65536}
 
 
 @contextlib.contextmanager
@@ -114,8 +111,9 @@ def keep_freed_memory():
     afresh. Not guaranteed: torch's 64-byte-aligned requests need a little more than the block
     they freed, so reuse waits for that block to merge with its free neighbours, which a repeated
     pattern of calls reaches after a warm-up call or two (and now and then loses for a call) and a
-    one-off pattern may not; count the faults (minor_page_faults) to know. Yields whether it applies (False without glibc). On exit
-    the defaults return; glibc's dynamic mmap threshold stays off (a fixed 128 KiB)."""
+    one-off pattern may not; count the faults (minor_page_faults) to know. Yields whether it
+    applies (False without glibc). On exit the defaults return; glibc's dynamic mmap threshold
+    stays off (a fixed 128 KiB)."""
     if _mallopt is None:
         yield False
         return
@@ -124,7 +122,7 @@ def keep_freed_memory():
     try:
         yield True
     finally:
-        for param, value in DEFAULTS.items():
+        for param, value in _MALLOPT_DEFAULTS.items():
             _mallopt(param, value)
 
 

@@ -209,7 +209,6 @@ def test_windows_has_no_peak_but_still_runs(monkeypatch):
     assert math.isnan(memory.peak_memory(torch.device("cpu")))
 
 
-
 # ---------------------------------------------------------------------------------------------
 # Freed memory kept for reuse (bench.py times the loss with it)
 # ---------------------------------------------------------------------------------------------
