@@ -82,7 +82,7 @@ PATHS = ("naive", "gathered", "recompute", "chunked")
 # The loss alone at Qwen3-4B -> Qwen3-0.6B head shapes (their config.json): 512 kept rows, chunks of
 # 256, against the four matrix products any chunked loss must do (the "GEMM floor").
 QWEN3_HEADS = dict(student_hidden=1024, teacher_hidden=2560, vocab=151_936, rows=512, chunk_size=256,
-                   repeats=5)
+                   repeats=7)
 # Length mixes for the padding ratio, (prompts, rollouts per prompt, prompt and response lengths):
 #   math: 8 prompts x 16 rollouts (the paper's step); prompt log-normal, median 150 tokens, sigma
 #     0.5, in [20, 2048]; response log-normal, median 1,200, sigma 1.0, capped at 8,192 (MATH
